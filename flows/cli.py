@@ -1,0 +1,174 @@
+"""`dpoflow`: the one command line.
+
+    dpoflow run                       # the whole pipeline on the embedded default
+    dpoflow run --set dpo.beta=0.2    # dotted overrides, repeatable
+    dpoflow validate DATA             # the Great Expectations gate on its own
+
+Errors a user can cause end with one sentence naming the cause and the fix,
+and exit code 1 (2 for usage errors); no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from flows.errors import UserError
+
+app = typer.Typer(
+    help="Align a language model to preferences with DPO: validate, SFT, DPO, evaluate, register.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"YAML config (default: {DEFAULT_CONFIG.name})."),
+]
+WorkdirOpt = Annotated[
+    Path, typer.Option("--workdir", "-w", help="Work directory for outputs and the local stores.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config value, e.g. --set dpo.beta=0.2 (repeatable)."
+    ),
+]
+SummaryOpt = Annotated[
+    Path | None, typer.Option("--summary-json", help="Write the run's summary to this JSON file.")
+]
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress: silence telemetry and chatty loggers."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "httpx", "urllib3", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title="dpoflow run", show_header=True)
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    for name, stage in summary["stages"].items():
+        table.add_row(name, stage["status"], f"{stage['seconds']:.1f}")
+    return table
+
+
+def print_summary(summary: dict) -> None:
+    out = Console()
+    out.print(summary_table(summary))
+    low, high = summary["win_rate_ci"]
+    reg = summary["registered_model"]
+    out.print(
+        f"win rate {summary['win_rate']:.3f} (95% CI {low:.3f}-{high:.3f})  "
+        f"reward {summary['reward_policy']:.3f} vs {summary['reward_reference']:.3f}  "
+        f"KL {summary['kl']:.3f}\n"
+        f"MLflow run {summary['mlflow_run_id']}  model {reg['name']} v{reg['version']} "
+        f"{reg['aliases']}",
+        highlight=False,
+    )
+
+
+def write_summary(path: Path | None, summary: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+
+
+def run_pipeline(cfg: PipelineConfig, workdir: Path) -> dict:
+    quiet_libraries()
+    from flows.pipeline import dpo_pipeline
+
+    return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir))
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+    summary_json: SummaryOpt = None,
+) -> None:
+    """Run the whole pipeline: validate, SFT, reference log-probs, DPO, evaluate, register."""
+    try:
+        cfg = load_config(config, set_ or [])
+        summary = run_pipeline(cfg, workdir)
+    except UserError as exc:
+        fail(str(exc))
+    print_summary(summary)
+    write_summary(summary_json, summary)
+
+
+@app.command()
+def validate(
+    data: Annotated[str, typer.Argument(help="Preference data: a file, a folder, a hub name.")],
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+) -> None:
+    """Check preference data with the Great Expectations suite; exit 1 if it fails."""
+    quiet_libraries()
+    try:
+        cfg = load_config(config, set_ or [])
+        from data_checks.loading import load_preferences, load_prompts
+        from data_checks.suite import render_failures_table, validate_preferences
+        from tasks.sources import resolve_data
+
+        pairs = load_preferences(
+            data, split=cfg.data.split, revision=cfg.data.revision, columns=cfg.data.columns or None
+        )
+        eval_source = resolve_data(cfg.data.eval_prompts, workdir, eval_prompts=True)
+        prompts = load_prompts(eval_source)["prompt"].tolist()
+        report = validate_preferences(
+            pairs,
+            min_rows=cfg.data.min_rows,
+            severities=cfg.data.severities or None,
+            eval_prompts=prompts,
+        )
+    except UserError as exc:
+        fail(str(exc))
+    if report.success:
+        Console().print(f"[green]ok:[/] {report.n_rows} pairs passed validation")
+        warnings = [o for o in report.outcomes if not o.success]
+        if warnings:
+            Console().print(render_failures_table(report))
+        return
+    Console().print(render_failures_table(report))
+    fail(report.summary_message())
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted: finished stages are kept; run the same command to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

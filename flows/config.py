@@ -1,0 +1,180 @@
+"""The pipeline config: YAML validated by pydantic, with dotted overrides.
+
+`load_config(path, overrides)` is the one way in. Unknown keys, wrong types and
+out-of-range values are refused with one sentence naming the key and what is
+allowed, before anything runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str = Field("embedded:imdb", description="preference data: file, folder, hub name")
+    eval_prompts: str = Field("embedded:imdb", description="held-out prompts for evaluation")
+    split: str = "train"
+    revision: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict, description="internal name -> source")
+    min_rows: int = Field(100, ge=1)
+    severities: dict[str, Literal["error", "warning"]] = Field(default_factory=dict)
+
+
+class ModelConfig(Section):
+    base: str = Field("embedded:tiny-llama", description="base model: hub name or local folder")
+    revision: str | None = None
+
+
+class TrainConfig(Section):
+    """What SFT and DPO share: one training loop serves both."""
+
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch (sequences for SFT, pairs for DPO)")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(96, ge=8)
+    max_prompt_length: int = Field(32, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> TrainConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) so that answers have room"
+            )
+        return self
+
+
+class SFTConfig(TrainConfig):
+    answers: Literal["both", "chosen"] = Field(
+        "both", description="which answers the reference is fine-tuned on"
+    )
+
+
+class DPOConfig(TrainConfig):
+    max_steps: int = Field(200, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on chosen answers")
+    reference: Literal["precomputed", "on_the_fly"] = "precomputed"
+
+
+class EvalConfig(Section):
+    num_prompts: int = Field(256, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, ge=1)
+    judge: str = "vader"
+    seed: int = 0
+
+
+class DistributedConfig(Section):
+    num_processes: int = Field(1, ge=1, description="processes on this machine (CPU or GPUs)")
+    num_gpus: int | None = Field(None, ge=1, description="GPUs per node; None = CPU/auto")
+    num_nodes: int = Field(1, ge=1)
+    hostfile: str | None = None
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    master_port: int | None = Field(None, ge=1024, le=65535)
+    timeout_seconds: int | None = Field(None, ge=1, description="end training after this long")
+
+
+class RegistryConfig(Section):
+    model_name: str = "dpoflow-policy"
+    alias: str = "candidate"
+
+
+class MlflowConfig(Section):
+    experiment: str = "dpoflow"
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite")
+
+
+class PipelineConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`dpo.beta=0.2` -> (["dpo", "beta"], 0.2); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not KEY=VALUE: write it like --set dpo.beta=0.2.")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override '{item}' goes below '{part}', which is a value, not a section: "
+                    "check the key against the config reference in the README."
+                )
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key '{key}': remove it or fix its spelling (see the README)."
+    message = error["msg"].removeprefix("Value error, ")
+    return f"config key '{key}' is invalid: {message}."
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Read a YAML config (default: the embedded default), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass an existing --config path.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML ({exc}): fix its syntax."
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, like data: ...")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None

@@ -1,0 +1,143 @@
+"""Tokenization, batching and answer log-probs: one implementation for SFT, reference, DPO, eval.
+
+A sequence is prompt_ids + answer_ids, right-padded. ``loss_mask`` marks answer tokens (eos
+included). The log-prob of a sequence is the sum over its answer tokens of
+log p(token | all previous tokens). A token at position 0 has no prefix and is never scored,
+so an answer should always follow a non-empty prompt (a bos token suffices).
+
+Preference pairs are batched as 2B sequences, chosen rows first, rejected rows after, so the
+policy (and the reference) need one forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def tokenize_example(
+    tokenizer, prompt: str, answer: str, *, max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[int]]:
+    """Return (prompt_ids, answer_ids), with len(prompt_ids) + len(answer_ids) <= max_length.
+
+    The prompt keeps its END (the question usually sits last) and its leading bos; the answer
+    keeps its start, so a truncated answer loses its eos.
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"Need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; answers must end with one.")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = tokenizer.encode(prompt, add_special_tokens=False)
+    keep = max_prompt_length - len(bos)
+    prompt_ids = bos + (body[-keep:] if keep > 0 else [])
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-pad (prompt_ids, answer_ids) examples into one batch.
+
+    Returns input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T] bool (True on
+    answer tokens).
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example.")
+    width = max(len(p) + len(a) for p, a in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # [N, T]
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [N, T]
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)  # [N, T]
+    for row, (prompt_ids, answer_ids) in enumerate(examples):
+        n_prompt, n_total = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+        input_ids[row, :n_total] = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+        attention_mask[row, :n_total] = 1
+        loss_mask[row, n_prompt:n_total] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pair_batch(
+    tokenized_pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: int
+) -> dict[str, Tensor]:
+    """(prompt_ids, chosen_ids, rejected_ids) x B -> one batch of 2B rows: chosen, then rejected."""
+    chosen = [(prompt, chosen) for prompt, chosen, _ in tokenized_pairs]
+    rejected = [(prompt, rejected) for prompt, _, rejected in tokenized_pairs]
+    return collate(chosen + rejected, pad_token_id)
+
+
+def split_pair_logps(values: Tensor) -> tuple[Tensor, Tensor]:
+    """[2B, ...] -> ([B, ...] chosen, [B, ...] rejected), the inverse of pair_batch's order."""
+    n_rows = values.shape[0]
+    if n_rows % 2:
+        raise ValueError(f"Expected an even number of rows (chosen + rejected), got {n_rows}.")
+    half = n_rows // 2
+    return values[:half], values[half:]
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Tensor], *, chunk_size: int | None = None
+) -> dict[str, Tensor]:
+    """Sum of answer-token log-probs per sequence, from one forward pass.
+
+    Returns "logps" [N] (float32, or float64 for a float64 model), "n_tokens" [N] long (number
+    of scored answer tokens) and "logits_mean" [N] (detached mean logit over answer positions,
+    for the logits/chosen metric). Gradients flow through "logps".
+
+    The output head runs only at the positions that predict answer tokens (in chunks of
+    ``chunk_size`` positions if given), so float32 logits are never built for the whole batch.
+    """
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]  # [N, T], [N, T]
+    target_mask = loss_mask[:, 1:]  # [N, T-1]: position t predicts token t+1
+    rows = target_mask.nonzero(as_tuple=True)[0]  # [M] row of each scored token
+    targets = input_ids[:, 1:][target_mask]  # [M]
+
+    states, head = _answer_states(model, batch, target_mask)  # [M, H or V]
+    token_logps, token_logit_means = [], []
+    step = chunk_size or max(len(targets), 1)
+    for start in range(0, len(targets), step):
+        logits = head(states[start : start + step])  # [m, V]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = logits.log_softmax(dim=-1)  # [m, V]
+        token_logps.append(log_probs.gather(-1, targets[start : start + step, None])[:, 0])
+        token_logit_means.append(logits.detach().mean(dim=-1))  # [m]
+
+    n_rows = input_ids.shape[0]
+    dtype = torch.promote_types(states.dtype, torch.float32)
+    logps = _row_sums(token_logps, rows, n_rows, dtype)  # [N]
+    n_tokens = target_mask.sum(dim=1)  # [N]
+    logit_sums = _row_sums(token_logit_means, rows, n_rows, dtype)  # [N]
+    logits_mean = logit_sums / n_tokens.clamp(min=1)  # [N]
+    return {"logps": logps, "n_tokens": n_tokens, "logits_mean": logits_mean}
+
+
+def _answer_states(
+    model: nn.Module, batch: dict[str, Tensor], target_mask: Tensor
+) -> tuple[Tensor, nn.Module]:
+    """Run the model once; at the M positions that predict answer tokens return
+    (hidden states [M, H], lm head), or (logits [M, V], identity) when the model cannot be
+    split into body and head."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    body = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    # Models that post-process the logits (soft-capping, scaling) cannot use the bare head.
+    plain_head = not (
+        getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+    )
+    if isinstance(body, nn.Module) and isinstance(head, nn.Module) and plain_head:
+        outputs = body(**inputs, use_cache=False)
+        hidden = getattr(outputs, "last_hidden_state", None)  # [N, T, H]
+        if hidden is not None:
+            return hidden[:, :-1][target_mask], head  # [M, H]
+        # e.g. a wrapper whose .model is itself a causal LM: its output already has logits.
+        return outputs.logits[:, :-1][target_mask], nn.Identity()  # [M, V]
+    logits = model(**inputs, use_cache=False).logits  # [N, T, V]
+    return logits[:, :-1][target_mask], nn.Identity()  # [M, V]
+
+
+def _row_sums(values: list[Tensor], rows: Tensor, n_rows: int, dtype: torch.dtype) -> Tensor:
+    """Sum per-token values [M] (given in chunks) into per-row totals [N]."""
+    flat = torch.cat(values).to(dtype) if values else torch.zeros(0, dtype=dtype)  # [M]
+    totals = torch.zeros(n_rows, dtype=dtype, device=rows.device)  # [N]
+    return totals.index_add(0, rows, flat.to(rows.device))

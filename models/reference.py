@@ -1,0 +1,55 @@
+"""Reference log-probs, computed once.
+
+π_ref is frozen, so log π_ref(y|x) depends only on (reference model, data):
+compute it for every pair once, store it keyed by example id, and let every
+β of a sweep and every epoch read it instead of running the reference model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.logprobs import pair_batch, sequence_logps, split_pair_logps, tokenize_example
+
+
+@torch.inference_mode()
+def compute_reference_logps(
+    model_dir: str,
+    pairs_path: str | Path,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    batch_size: int = 64,
+    progress=None,
+) -> dict:
+    """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with open(pairs_path, encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+
+    ids, chosen, rejected = [], [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        tokenized = []
+        for p in chunk:
+            prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
+            _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
+            tokenized.append((prompt_ids, chosen_ids, rejected_ids))
+        logps = sequence_logps(model, pair_batch(tokenized, pad_id))["logps"]  # [2B]
+        c, r = split_pair_logps(logps)  # [B], [B]
+        ids += [p["id"] for p in chunk]
+        chosen.append(c.float())
+        rejected.append(r.float())
+        if progress:
+            progress(min(start + batch_size, len(pairs)), len(pairs))
+    return {"ids": ids, "chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}

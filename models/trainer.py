@@ -1,0 +1,361 @@
+"""The training loop for SFT and DPO, one file, run under the `deepspeed` launcher.
+
+    deepspeed --num_gpus N --module models.trainer --job job.json
+
+The job file (written by `tasks/launcher.py`) says what to train: `kind` is
+"sft" (NLL of answer tokens) or "dpo" (the preference loss against a frozen
+reference). Everything else is the same loop, so a fix lands in one place:
+
+    for step in range(start, max_steps):
+        for each micro-batch of this rank:
+            loss = objective(batch); engine.backward(loss); engine.step()
+        rank 0: append the step's metrics to metrics.jsonl
+        every checkpoint_every steps: engine.save_checkpoint(...)   (resume point)
+
+The global batch of a step is the same whatever the number of processes: a
+seeded permutation of the data is cut into global batches, each global batch
+into `grad_accum` chunks, and each chunk across ranks. So a 2-process run
+follows the 1-process loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from models.logprobs import collate, pair_batch, sequence_logps, split_pair_logps, tokenize_example
+from models.losses import preference_loss
+
+INFRA = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_pairs(path: str) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sft_examples(pairs: list[dict], tokenizer, cfg: dict) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, answer_ids) for each answer the reference learns."""
+    keys = ["chosen", "rejected"] if cfg["answers"] == "both" else ["chosen"]
+    limits = dict(max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"])
+    return [tokenize_example(tokenizer, p["prompt"], p[k], **limits) for p in pairs for k in keys]
+
+
+def dpo_examples(pairs: list[dict], tokenizer, cfg: dict) -> list[tuple]:
+    """(prompt_ids, chosen_ids, rejected_ids, example index) for each pair."""
+    limits = dict(max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"])
+    examples = []
+    for i, p in enumerate(pairs):
+        prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
+        _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
+        examples.append((prompt_ids, chosen_ids, rejected_ids, i))
+    return examples
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The global batch of `step`: consecutive slices of seeded per-epoch permutations."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.extend(order[offset : offset + batch_size - len(out)])
+    return out
+
+
+def micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
+    """Cut a global batch into this rank's micro-batches (one per accumulation step)."""
+    chunk = len(indices) // grad_accum
+    chunks = [indices[i * chunk : (i + 1) * chunk] for i in range(grad_accum)]
+    return [c[rank::world] for c in chunks]
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def sft_step(model, examples, idx, pad_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
+    batch = collate([examples[i] for i in idx], pad_id)
+    out = sequence_logps(model, batch)  # logps [N], n_tokens [N]
+    n_tokens = out["n_tokens"].sum()
+    loss = -out["logps"].sum() / n_tokens
+    return loss, {"loss": loss.detach(), "tokens": n_tokens.float()}
+
+
+class DPOObjective:
+    """The DPO step: one forward over chosen+rejected, the reference from disk or a model."""
+
+    def __init__(self, cfg: dict, reference_logps: dict | None, reference_model=None):
+        self.cfg = cfg
+        self.reference_logps = reference_logps  # {"chosen": [P], "rejected": [P]} by index
+        self.reference_model = reference_model
+
+    def reference(self, batch: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference_logps is not None:
+            rows = torch.tensor(idx)
+            return self.reference_logps["chosen"][rows], self.reference_logps["rejected"][rows]
+        with torch.no_grad():
+            return split_pair_logps(sequence_logps(self.reference_model, batch)["logps"])
+
+    def __call__(self, model, examples, idx, pad_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
+        items = [examples[i] for i in idx]
+        batch = pair_batch([e[:3] for e in items], pad_id)  # 2B rows: chosen, then rejected
+        out = sequence_logps(model, batch)
+        policy_chosen, policy_rejected = split_pair_logps(out["logps"])  # [B], [B]
+        len_chosen, len_rejected = split_pair_logps(out["n_tokens"].float())
+        ref_chosen, ref_rejected = self.reference(batch, [e[3] for e in items])
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=cfg["beta"],
+            loss_type=cfg["loss_type"],
+            label_smoothing=cfg["label_smoothing"],
+            chosen_lengths=len_chosen,
+            rejected_lengths=len_rejected,
+            simpo_gamma=cfg["simpo_gamma"],
+        )
+        loss = losses.mean()
+        if cfg["rpo_alpha"] > 0:  # DPO + NLL on the chosen answer ("RPO")
+            loss = loss + cfg["rpo_alpha"] * (-policy_chosen.sum() / len_chosen.sum())
+        logits_chosen, logits_rejected = split_pair_logps(out["logits_mean"])
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen.detach().mean(),
+            "logps/rejected": policy_rejected.detach().mean(),
+            "logits/chosen": logits_chosen.detach().mean(),
+            "logits/rejected": logits_rejected.detach().mean(),
+            "tokens": out["n_tokens"].sum().float(),
+        }
+        return loss, metrics
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def lr_lambda(cfg: dict):
+    warmup, total, schedule = cfg["warmup_steps"], cfg["max_steps"], cfg["lr_schedule"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "rmsprop":  # the DPO paper's choice
+        return torch.optim.RMSprop(
+            params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"]
+        )
+    return torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+
+
+def deepspeed_config(job: dict, world: int) -> dict:
+    cfg, dist_cfg = job["train"], job["distributed"]
+    ds = json.loads((INFRA / f"zero{dist_cfg['zero_stage']}.json").read_text())
+    ds.update(
+        train_batch_size=cfg["batch_size"],
+        train_micro_batch_size_per_gpu=cfg["batch_size"] // (cfg["grad_accum"] * world),
+        gradient_accumulation_steps=cfg["grad_accum"],
+        gradient_clipping=cfg["max_grad_norm"],
+    )
+    if dist_cfg["precision"] in ("bf16", "fp16"):
+        ds[dist_cfg["precision"]] = {"enabled": True}
+    return ds
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(job: dict) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = job["train"]
+    torch.manual_seed(cfg["seed"])
+    out_dir, ckpt_dir = Path(job["output_dir"]), Path(job["checkpoint_dir"])
+    metrics_path = Path(job["metrics_path"])
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=torch.float32)
+    if job.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    pairs = read_pairs(job["data_path"])
+
+    if job["kind"] == "sft":
+        examples, objective = sft_examples(pairs, tokenizer, cfg), sft_step
+    else:
+        examples = dpo_examples(pairs, tokenizer, cfg)
+        reference_logps, reference_model = None, None
+        if job.get("reference_logps_path"):
+            reference_logps = load_reference_logps(job["reference_logps_path"], pairs)
+        else:
+            reference_model = AutoModelForCausalLM.from_pretrained(job["model_path"]).eval()
+            reference_model.requires_grad_(False)
+        objective = DPOObjective(cfg, reference_logps, reference_model)
+
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(job, world),
+    )
+
+    start_step = 0
+    if (ckpt_dir / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        start_step = int(client_state["step"])
+        torch.set_rng_state(client_state["rng"])
+    if rank == 0:
+        truncate_metrics(metrics_path, start_step)
+        print(
+            f"[{job['kind']}] {len(examples)} examples, {world} process(es), "
+            f"steps {start_step}->{cfg['max_steps']}",
+            flush=True,
+        )
+
+    rate_name = "pairs_per_s" if job["kind"] == "dpo" else "sequences_per_s"
+    seen_examples, seen_tokens, t_loop = 0, 0.0, time.time()
+    last: dict[str, float] = {}
+    for step in range(start_step, cfg["max_steps"]):
+        global_idx = batch_indices(len(examples), step, cfg["batch_size"], cfg["seed"])
+        step_metrics: dict[str, torch.Tensor] = {}
+        for idx in micro_batches(global_idx, cfg["grad_accum"], rank, world):
+            loss, metrics = objective(engine.module, examples, idx, pad_id, cfg)
+            engine.backward(loss)
+            engine.step()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / cfg["grad_accum"]
+        last = reduce_metrics(step_metrics, world, dist)
+        seen_examples += cfg["batch_size"]
+        seen_tokens += last.pop("tokens") * cfg["grad_accum"]
+        elapsed = max(time.time() - t_loop, 1e-9)
+        last.update(
+            grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            learning_rate=scheduler.get_last_lr()[0],
+            **{rate_name: seen_examples / elapsed},
+            tokens_per_s=seen_tokens / elapsed,
+        )
+        if rank == 0:
+            append_metrics(metrics_path, step + 1, last)
+        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < cfg["max_steps"]:
+            save_checkpoint(engine, ckpt_dir, step + 1, rank)
+
+    save_model(engine, tokenizer, out_dir, job["distributed"]["zero_stage"], rank)
+    result = {
+        "kind": job["kind"],
+        "steps": cfg["max_steps"],
+        "resumed_from_step": start_step,
+        "world_size": world,
+        "final_metrics": last,
+        "seconds": time.time() - t_start,
+    }
+    if rank == 0:
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()  # a clean teardown: ZeRO-3 aborts at exit without it
+    return result
+
+
+def load_reference_logps(path: str, pairs: list[dict]) -> dict[str, torch.Tensor]:
+    """Reference log-probs stored by example id, re-ordered to this data's order."""
+    stored = torch.load(path)
+    row = {example_id: i for i, example_id in enumerate(stored["ids"])}
+    order = torch.tensor([row[p["id"]] for p in pairs])
+    return {"chosen": stored["chosen"][order], "rejected": stored["rejected"][order]}
+
+
+def reduce_metrics(metrics: dict[str, torch.Tensor], world: int, dist) -> dict[str, float]:
+    """Average each metric over ranks (token counts are summed)."""
+    names = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32) for k in names])
+    if world > 1:
+        dist.all_reduce(values)
+        values = torch.where(torch.tensor([k == "tokens" for k in names]), values, values / world)
+    return {k: float(v) for k, v in zip(names, values, strict=True)}
+
+
+def append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def truncate_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop the metrics of steps after the checkpoint: they will be redone."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int) -> None:
+    """A resume point. DeepSpeed writes `latest` only after the checkpoint is complete."""
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "rng": torch.get_rng_state()}
+    )
+    if rank == 0:  # keep the newest two: the latest, and one in case it is damaged
+        tags = sorted(
+            (p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:])
+        )
+        for old in tags[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) -> None:
+    """Save an ordinary Hugging Face folder (ZeRO-3 gathers the partitioned weights first)."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = engine.module.state_dict()
+        engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="dpoflow training worker (SFT or DPO)")
+    parser.add_argument("--job", required=True, help="job JSON written by tasks/launcher.py")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+    threads = os.environ.get("DPOFLOW_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    train(json.loads(Path(args.job).read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Stage 4: win rate of the trained policy against the reference, judged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.common import build_once, stage_task
+from tasks.stage import write_json_atomic
+from tasks.tracking import client, tracking_uri
+
+EVAL_METRICS = ("win_rate", "reward_policy", "reward_reference", "kl", "kl_stderr")
+
+
+def read_prompts(path: Path, limit: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()][:limit]
+
+
+def log_evaluation(uri: str, run_id: str, result: dict, partial: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    c = client(uri)
+    metrics = {f"eval/{k}": result[k] for k in EVAL_METRICS}
+    metrics["eval/win_rate_ci_low"], metrics["eval/win_rate_ci_high"] = result["win_rate_ci"]
+    for name, value in metrics.items():
+        c.log_metric(run_id, name, float(value))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_table(pd.DataFrame(result["samples"]), artifact_file="eval/samples.json")
+        mlflow.log_artifact(str(partial / "report.md"), artifact_path="eval")
+
+
+@stage_task("evaluate")
+def evaluate(
+    key: str,
+    workdir: str,
+    section: dict,
+    mlflow_cfg: dict,
+    dpo_manifest: dict,
+    sft_manifest: dict,
+    data_manifest: dict,
+    inputs: dict,
+) -> dict:
+    from models.evaluation import evaluate_policy, markdown_report
+    from models.judges import make_judge
+
+    logger = get_run_logger()
+
+    def build(partial: Path) -> dict:
+        prompts = read_prompts(
+            Path(data_manifest["path"]) / "eval_prompts.jsonl", section["num_prompts"]
+        )
+        logger.info("evaluating on %d held-out prompts, judge %s", len(prompts), section["judge"])
+        result = evaluate_policy(
+            str(Path(dpo_manifest["path"]) / dpo_manifest["model"]),
+            str(Path(sft_manifest["path"]) / sft_manifest["model"]),
+            prompts,
+            make_judge(section["judge"]),
+            max_new_tokens=section["max_new_tokens"],
+            temperature=section["temperature"],
+            top_p=section["top_p"],
+            batch_size=section["batch_size"],
+            seed=section["seed"],
+        )
+        report = markdown_report(result, title=f"Win rate of {dpo_manifest['stage']} policy")
+        (partial / "report.md").write_text(report)
+        with open(partial / "samples.jsonl", "w", encoding="utf-8") as f:
+            for sample in result["samples"]:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        figures = {k: v for k, v in result.items() if k != "samples"}
+        write_json_atomic(partial / "result.json", figures)
+        log_evaluation(
+            tracking_uri(mlflow_cfg["tracking_uri"], workdir),
+            dpo_manifest["mlflow_run_id"],
+            result,
+            partial,
+        )
+        try:
+            create_markdown_artifact(
+                key="win-rate", markdown=report, description="policy vs reference"
+            )
+        except Exception:
+            pass
+        low, high = result["win_rate_ci"]
+        logger.info(
+            "win rate %.3f [%.3f, %.3f], KL %.3f, reward %.3f vs %.3f",
+            result["win_rate"],
+            low,
+            high,
+            result["kl"],
+            result["reward_policy"],
+            result["reward_reference"],
+        )
+        return {"config": section, "inputs": inputs, "judge": section["judge"], **figures}
+
+    return build_once("evaluate", key, workdir, build)

@@ -1,0 +1,165 @@
+"""Run a training job under the `deepspeed` launcher and watch it.
+
+The Prefect task owns the child process group: it streams the log, hands new
+metric lines to a callback as they appear (so MLflow curves are live), and on
+a timeout, a cancellation or any exception it ends the whole group, so no
+training process outlives its task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flows.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TrainingFailed(RuntimeError):
+    """The training process exited non-zero (retryable: it resumes from its checkpoint)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_batch_layout(train: dict, distributed: dict) -> None:
+    """Every process must get an equal, non-empty share of every global batch."""
+    world = distributed["num_processes"] * distributed["num_nodes"]
+    if train["batch_size"] % (train["grad_accum"] * world):
+        raise ConfigError(
+            f"batch_size {train['batch_size']} does not split into grad_accum "
+            f"{train['grad_accum']} x {world} process(es): choose a batch_size divisible by "
+            f"{train['grad_accum'] * world}."
+        )
+
+
+def launcher_command(job_path: Path, distributed: dict) -> list[str]:
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [deepspeed, "--master_port", str(distributed.get("master_port") or free_port())]
+    if distributed.get("hostfile"):  # a cluster: DeepSpeed's own multi-node launcher
+        cmd += ["--hostfile", distributed["hostfile"], "--num_nodes", str(distributed["num_nodes"])]
+    cmd += ["--num_gpus", str(distributed.get("num_gpus") or distributed["num_processes"])]
+    return cmd + ["--module", "models.trainer", "--job", str(job_path)]
+
+
+def child_env(distributed: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not distributed.get("num_gpus"):
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        # Share the cores between the processes instead of oversubscribing them.
+        per_process = max(1, (os.cpu_count() or 1) // distributed["num_processes"])
+        env.setdefault("DPOFLOW_THREADS", str(per_process))
+        env.setdefault("OMP_NUM_THREADS", str(per_process))
+    return env
+
+
+class MetricsTail:
+    """Reads the lines appended to metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path, on_metrics: Callable[[list[dict]], None]):
+        self.path, self.on_metrics, self.offset = path, on_metrics, 0
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        if self.path.stat().st_size < self.offset:  # truncated on resume
+            self.offset = 0
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        if rows:
+            self.on_metrics(rows)
+
+
+def run_training(
+    job: dict[str, Any],
+    work: Path,
+    *,
+    log: Callable[[str], None],
+    on_metrics: Callable[[list[dict]], None],
+    timeout_seconds: float | None = None,
+) -> dict:
+    """Launch the job, stream it, return its result.json; raise TrainingFailed on failure."""
+    check_batch_layout(job["train"], job["distributed"])
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    cmd = launcher_command(job_path, job["distributed"])
+    log("launch: " + " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=child_env(job["distributed"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, ended as a whole
+    )
+    tail = deque(maxlen=40)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line and "[WARNING]" not in line:
+                log(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    metrics = MetricsTail(Path(job["metrics_path"]), on_metrics)
+    deadline = time.monotonic() + timeout_seconds if timeout_seconds else None
+    try:
+        while proc.poll() is None:
+            metrics.poll()
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"training ran past its {timeout_seconds:.0f} s timeout")
+            time.sleep(1.0)
+        reader.join(timeout=5)
+        metrics.poll()
+    finally:
+        end_process_group(proc)
+    result_path = Path(job["output_dir"]) / "result.json"
+    if proc.returncode != 0 or not result_path.is_file():
+        raise TrainingFailed(
+            f"{job['kind']} training exited with code {proc.returncode}; last lines:\n"
+            + "\n".join(tail)
+        )
+    return json.loads(result_path.read_text())
+
+
+def end_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the job's process group, then SIGKILL whatever is left of it."""
+    pgid = proc.pid  # start_new_session made the launcher its group's leader
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        proc.poll()
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return  # nothing left in the group
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the launcher so it does not linger as a zombie
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)

@@ -1,0 +1,98 @@
+"""MLflow: where runs go, and the small helpers the stage tasks share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.errors import ServerError
+
+
+def tracking_uri(configured: str | None, workdir: str | Path) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the work directory."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def client(uri: str):
+    """An MlflowClient for `uri`, with the experiment artifact root in the workdir for SQLite."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, workdir: str | Path) -> str:
+    import mlflow
+
+    c = client(uri)
+    try:
+        experiment = c.get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ServerError(
+            f"MLflow at {uri} cannot be reached ({str(exc).splitlines()[0][:120]}): start the "
+            "server or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri."
+        ) from exc
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in ./mlruns
+        location = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_or_resume_run(
+    uri: str, experiment: str, workdir: str | Path, run_file: Path, *, name: str, tags: dict
+) -> str:
+    """Create a run, or reuse the one an interrupted attempt recorded in `run_file`."""
+    c = client(uri)
+    if run_file.is_file():
+        return run_file.read_text().strip()
+    run = c.create_run(experiment_id(uri, experiment, workdir), run_name=name, tags=tags)
+    run_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def flatten(prefix: str, section: dict[str, Any]) -> dict[str, str]:
+    """{"dpo": {"beta": 0.1}} -> {"dpo.beta": "0.1"} for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in section.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            out.update(flatten(name, value))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    existing = c.get_run(run_id).data.params
+    fresh = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(fresh), 100):
+        c.log_batch(run_id, params=fresh[i : i + 100])
+
+
+def log_metric_rows(uri: str, run_id: str, rows: list[dict], prefix: str = "") -> None:
+    """Log training-metric rows ({"step": n, name: value, ...}) as MLflow metrics."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(prefix + name, float(value), now, int(row["step"]))
+        for row in rows
+        for name, value in row.items()
+        if name != "step"
+    ]
+    c = client(uri)
+    for i in range(0, len(metrics), 500):
+        c.log_batch(run_id, metrics=metrics[i : i + 500])
