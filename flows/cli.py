@@ -30,7 +30,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one sentence stays one line
 
 ConfigOpt = Annotated[
     Path | None,
@@ -62,6 +62,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for name in ("mlflow", "alembic", "httpx", "urllib3", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -147,12 +147,14 @@ def evaluate_policy(
     batch_size: int = 64,
     seed: int = 0,
 ) -> dict:
-    """Sample from policy and reference under identical settings and seeds, judge both, and
+    """Sample from policy and reference under identical settings, judge both, and
     report the win rate (Wilson 95% interval), mean judge rewards and the sampled KL.
 
-    Identical seeds make the comparison paired: for two identical models every
-    comparison is a tie. The KL uses the policy's tokenizer for both models, as DPO
-    policies share their reference's tokenizer.
+    The two models draw independent samples (the reference's seed is `seed + 1`):
+    with shared random numbers two similar models would often write the very same
+    answer, and those forced ties would pull every win rate towards 0.5. The KL
+    uses the policy's tokenizer for both models, as DPO policies share their
+    reference's tokenizer.
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
@@ -166,7 +168,9 @@ def evaluate_policy(
     policy, tokenizer = load_causal_lm(policy_dir)
     reference, reference_tokenizer = load_causal_lm(reference_dir)
     policy_answers = generate(policy, tokenizer, prompts, **sampling)
-    reference_answers = generate(reference, reference_tokenizer, prompts, **sampling)
+    reference_answers = generate(
+        reference, reference_tokenizer, prompts, **(sampling | {"seed": seed + 1})
+    )
 
     policy_scores = judge.score(prompts, policy_answers)
     reference_scores = judge.score(prompts, reference_answers)

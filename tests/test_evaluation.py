@@ -187,8 +187,11 @@ def test_evaluate_policy_end_to_end(tmp_path):
     )
 
 
-def test_evaluate_policy_against_itself_is_all_ties(tmp_path):
+def test_evaluate_policy_against_itself_draws_independent_samples(tmp_path):
     model_dir = str(save_tiny_model(tmp_path / "same"))
     result = evaluate_policy(model_dir, model_dir, PROMPTS, LengthJudge(), max_new_tokens=6)
-    assert result["ties"] == result["n"] and result["win_rate"] == 0.5
+    # Independent draws: the same model does not simply tie with itself everywhere,
+    # and its interval still covers 0.5.
+    assert result["ties"] < result["n"]
+    assert result["win_rate_ci"][0] <= 0.5 <= result["win_rate_ci"][1]
     assert abs(result["kl"]) < 1e-6

@@ -1,0 +1,104 @@
+"""The real flow, end to end, through the CLI: real Prefect, real MLflow, real launcher."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from tests.conftest import run_cli, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["validate", "sft", "reference", "dpo", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, cli_env):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    proc, summary = run_pipeline(workdir, cli_env, name="first")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, summary
+
+
+def test_first_run_completes_every_stage(first_run):
+    _, summary = first_run
+    assert list(summary["stages"]) == STAGES
+    assert {s["status"] for s in summary["stages"].values()} == {"completed"}
+    assert summary["stages"]["sft"]["resumed_from_step"] == 0
+    low, high = summary["win_rate_ci"]
+    assert 0.0 <= low <= summary["win_rate"] <= high <= 1.0
+    assert summary["kl"] == summary["kl"]  # a number, not NaN
+    assert summary["registered_model"]["aliases"] == ["candidate"]
+
+
+def test_mlflow_holds_metrics_params_and_registered_version(first_run):
+    from mlflow.tracking import MlflowClient
+
+    workdir, summary = first_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["beta"] == "0.1"
+    for name in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins", "eval/win_rate", "eval/kl"]:
+        assert name in run.data.metrics, name
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))  # every DPO step logged
+    reg = summary["registered_model"]
+    version = client.get_model_version(reg["name"], reg["version"])
+    assert version.run_id == run.info.run_id
+    assert "candidate" in version.aliases
+    assert version.tags["beta"] == "0.1"
+    assert version.tags["data_sha256"]
+    assert abs(float(version.tags["win_rate"]) - summary["win_rate"]) < 1e-3
+
+
+def test_second_run_is_entirely_cached(first_run, cli_env):
+    workdir, first = first_run
+    proc, summary = run_pipeline(workdir, cli_env, name="second")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {s["status"] for s in summary["stages"].values()} == {"cached"}
+    assert summary["win_rate"] == first["win_rate"]
+    assert summary["registered_model"]["version"] == first["registered_model"]["version"]
+    assert summary["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def test_changing_beta_reruns_only_what_depends_on_it(first_run, cli_env):
+    workdir, first = first_run
+    proc, summary = run_pipeline(workdir, cli_env, "dpo.beta=0.2", name="beta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = {name: s["status"] for name, s in summary["stages"].items()}
+    assert status == {
+        "validate": "cached", "sft": "cached", "reference": "cached",
+        "dpo": "completed", "evaluate": "completed", "register": "completed",
+    }
+    assert summary["mlflow_run_id"] != first["mlflow_run_id"]
+    assert int(summary["registered_model"]["version"]) > int(first["registered_model"]["version"])
+
+
+def test_empty_chosen_fails_validation_before_training(tmp_path, cli_env):
+    from tasks.sources import ensure_embedded_data
+
+    pairs = (ensure_embedded_data(tmp_path / "src") / "train.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in pairs[:300]]
+    rows[7]["chosen"] = ""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    workdir = tmp_path / "work"
+
+    proc, _ = run_pipeline(workdir, cli_env, f"data.train={data}")
+
+    assert proc.returncode == 1
+    message = proc.stderr
+    assert "chosen" in message and "rows 7" in message
+    assert "expect_column_value_lengths_to_be_between" in message
+    assert "Traceback" not in message.split("error:")[-1]
+    assert not list((workdir / "stages").rglob("manifest.json"))  # nothing looks finished
+    assert not (workdir / "stages" / "sft").exists()  # no training started
+    assert not list(workdir.rglob("MLmodel"))  # nothing logged or registered
+
+
+def test_bad_override_names_the_key(tmp_path, cli_env):
+    proc = run_cli(["run", "--workdir", str(tmp_path), "--set", "dpo.beta=-1"], cli_env)
+    assert proc.returncode == 1
+    assert "dpo.beta" in proc.stderr
+    assert not (tmp_path / "stages").exists()
