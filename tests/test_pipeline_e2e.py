@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from tests.conftest import run_cli, run_pipeline
@@ -38,8 +39,15 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["beta"] == "0.1"
-    for name in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                 "rewards/margins", "eval/win_rate", "eval/kl"]:
+    for name in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "eval/win_rate",
+        "eval/kl",
+    ]:
         assert name in run.data.metrics, name
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 13))  # every DPO step logged
@@ -68,8 +76,12 @@ def test_changing_beta_reruns_only_what_depends_on_it(first_run, cli_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = {name: s["status"] for name, s in summary["stages"].items()}
     assert status == {
-        "validate": "cached", "sft": "cached", "reference": "cached",
-        "dpo": "completed", "evaluate": "completed", "register": "completed",
+        "validate": "cached",
+        "sft": "cached",
+        "reference": "cached",
+        "dpo": "completed",
+        "evaluate": "completed",
+        "register": "completed",
     }
     assert summary["mlflow_run_id"] != first["mlflow_run_id"]
     assert int(summary["registered_model"]["version"]) > int(first["registered_model"]["version"])

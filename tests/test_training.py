@@ -35,11 +35,17 @@ def embedded(tmp_path_factory):
     return {"model": str(model), "data": str(data), "ref": str(root / "ref.pt")}
 
 
-def make_job(embedded, out: Path, kind: str = "dpo", processes: int = 1, zero: int = 0,
-             **train) -> dict:
+def make_job(
+    embedded, out: Path, kind: str = "dpo", processes: int = 1, zero: int = 0, **train
+) -> dict:
     section = (DPOConfig if kind == "dpo" else SFTConfig)(
-        max_steps=8, batch_size=8, max_length=64, max_prompt_length=16, warmup_steps=2,
-        checkpoint_every=4, **train
+        max_steps=8,
+        batch_size=8,
+        max_length=64,
+        max_prompt_length=16,
+        warmup_steps=2,
+        checkpoint_every=4,
+        **train,
     )
     return {
         "kind": kind,
@@ -84,9 +90,21 @@ def test_sft_trains_and_saves_a_loadable_model(embedded, tmp_path):
 
 def test_dpo_logs_every_metric_and_learns(one_process):
     result, rows = one_process
-    expected = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
-                "logits/rejected", "grad_norm", "learning_rate", "pairs_per_s", "tokens_per_s"}
+    expected = {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "pairs_per_s",
+        "tokens_per_s",
+    }
     assert expected <= set(rows[0])
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     assert losses(rows)[-1] < losses(rows)[0]
@@ -114,9 +132,12 @@ def test_sigkill_then_resume_from_the_newest_checkpoint(embedded, one_process, t
     job_path = tmp_path / "job.json"
     job_path.write_text(json.dumps(job))
     proc = subprocess.Popen(
-        launcher_command(job_path, job["distributed"]), cwd=PROJECT_ROOT,
-        env=child_env(job["distributed"]), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        launcher_command(job_path, job["distributed"]),
+        cwd=PROJECT_ROOT,
+        env=child_env(job["distributed"]),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
