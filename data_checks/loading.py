@@ -54,7 +54,8 @@ def load_preferences(
 
 
 def load_prompts(source: str, *, column: str = "prompt") -> pd.DataFrame:
-    """Load evaluation prompts as a DataFrame with ``id`` and ``prompt``.
+    """Load evaluation prompts as a DataFrame with ``id``, ``prompt`` and, where the source
+    has one, ``chosen`` (the dataset's preferred answer, None where it is not text).
 
     Accepts the same formats as :func:`load_preferences`; a preference file is accepted
     too and its unique prompts are taken, so the same data can feed training and eval.
@@ -64,10 +65,18 @@ def load_prompts(source: str, *, column: str = "prompt") -> pd.DataFrame:
         prompts = pd.Series(raw[column].tolist(), dtype=object)
         ids = _ids_for(raw, [prompts])
         frame = pd.DataFrame({"id": ids, "prompt": prompts}, dtype=object)
+        if "chosen" in raw.columns:  # kept for the win rate against the dataset's answers
+            frame["chosen"] = [c if isinstance(c, str) else None for c in raw["chosen"]]
     elif {"chosen", "rejected"} <= set(raw.columns):
-        prompts = _normalise_pairs(raw, source, tokenizer=None)["prompt"]
-        prompts = prompts[~prompts.map(_as_key).duplicated()].reset_index(drop=True)
-        frame = pd.DataFrame({"id": _ids_for(pd.DataFrame(), [prompts]), "prompt": prompts})
+        pairs = _normalise_pairs(raw, source, tokenizer=None)
+        pairs = pairs[~pairs["prompt"].map(_as_key).duplicated()].reset_index(drop=True)
+        frame = pd.DataFrame(
+            {
+                "id": _ids_for(pd.DataFrame(), [pairs["prompt"]]),
+                "prompt": pairs["prompt"],
+                "chosen": pairs["chosen"],
+            }
+        )
     else:
         raise DataError(
             f"prompt source '{source}' has no column '{column}' "

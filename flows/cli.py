@@ -55,6 +55,13 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def unexpected(exc: BaseException) -> str:
+    return (
+        f"the pipeline stopped on an unexpected {type(exc).__name__} ({exc}); the log above "
+        "shows where: fix the cause and run the same command again, finished stages are kept."
+    )
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for our progress: silence telemetry and chatty loggers."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -115,12 +122,15 @@ def run(
     set_: SetOpt = None,
     summary_json: SummaryOpt = None,
 ) -> None:
-    """Run the whole pipeline: validate, SFT, reference log-probs, DPO, evaluate, register."""
+    """Run the whole pipeline: validate, SFT, reference log-probs, DPO, evaluate, register,
+    promote."""
     try:
         cfg = load_config(config, set_ or [])
         summary = run_pipeline(cfg, workdir)
     except UserError as exc:
         fail(str(exc))
+    except Exception as exc:  # a bug or a crash: say so plainly, keep what finished
+        fail(unexpected(exc))
     print_summary(summary)
     write_summary(summary_json, summary)
 
@@ -161,6 +171,87 @@ def validate(
         return
     Console().print(render_failures_table(report))
     fail(report.summary_message())
+
+
+@app.command()
+def models(
+    name: Annotated[str | None, typer.Argument(help="A registered model (default: all).")] = None,
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+) -> None:
+    """List registered model versions with their aliases, win rates and promotion reasons."""
+    quiet_libraries()
+    try:
+        from flows.registry_cli import show_models
+
+        Console().print(show_models(load_config(config, set_ or []), workdir, name))
+    except UserError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="The registered model, e.g. dpoflow-policy.")],
+    version: Annotated[str, typer.Argument(help="The version to make champion.")],
+    force: Annotated[bool, typer.Option("--force", help="Skip the promotion checks.")] = False,
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+) -> None:
+    """Make VERSION the champion if it passes the gate (vs reference, then vs champion)."""
+    quiet_libraries()
+    try:
+        from flows.registry_cli import promote_by_hand
+
+        cfg = load_config(config, set_ or [])
+        outcome = promote_by_hand(cfg, workdir, name, version, force=force)
+    except UserError as exc:
+        fail(str(exc))
+    if not outcome["promoted"]:
+        fail(
+            f"{name} v{outcome['version']} stays candidate ({outcome['reason']}): train a better "
+            "policy, or pass --force to promote it anyway."
+        )
+    Console().print(f"{name} v{outcome['version']} {outcome['aliases']}: {outcome['reason']}")
+
+
+@app.command()
+def sweep(
+    betas: Annotated[str, typer.Option("--betas", help="Comma-separated βs, e.g. 0.05,0.1,0.5.")],
+    loss_types: Annotated[
+        str | None,
+        typer.Option("--loss-types", help="Comma-separated loss types (default: dpo.loss_type)."),
+    ] = None,
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+    summary_json: SummaryOpt = None,
+) -> None:
+    """Run the pipeline for each β (x loss type) under one MLflow parent run, with the
+    reward-KL frontier plot; validate, SFT and reference log-probs run once."""
+    try:
+        from flows.sweep import child_configs, parse_list
+
+        cfg = load_config(config, set_ or [])
+        beta_list = parse_list(betas, "--betas", float)
+        loss_list = parse_list(loss_types, "--loss-types") if loss_types else None
+        child_configs(cfg, beta_list, loss_list or [cfg.dpo.loss_type])  # refuse before running
+        quiet_libraries()
+        from flows.sweep import beta_sweep
+
+        summary = beta_sweep(
+            config=cfg.model_dump(mode="json"),
+            betas=beta_list,
+            loss_types=loss_list,
+            workdir=str(workdir),
+        )
+    except UserError as exc:
+        fail(str(exc))
+    from flows.sweep_print import print_sweep
+
+    print_sweep(summary)
+    write_summary(summary_json, summary)
 
 
 def main() -> None:

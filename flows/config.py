@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flows.errors import ConfigError
 
@@ -55,6 +62,9 @@ class TrainConfig(Section):
     max_length: int = Field(96, ge=8)
     max_prompt_length: int = Field(32, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = never")
+    eval_examples: int = Field(64, ge=1, description="examples held out when eval_every > 0")
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -84,14 +94,50 @@ class DPOConfig(TrainConfig):
     reference: Literal["precomputed", "on_the_fly"] = "precomputed"
 
 
+class LLMJudgeConfig(Section):
+    """An OpenAI-compatible chat-completions endpoint; the key stays in the environment."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
+    model: str | None = None
+    api_key_env: str | None = Field(None, description="name of the variable holding the key")
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    concurrency: int = Field(4, ge=1)
+
+
+JUDGES = ("llm", "reward_model", "vader")
+
+
 class EvalConfig(Section):
     num_prompts: int = Field(256, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
+    temperatures: list[float] | None = Field(
+        None, description="also evaluate at these temperatures (metrics eval/t{T}/...)"
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
-    judge: str = "vader"
+    judge: str = Field("vader", description="vader | reward_model | llm")
+    reward_model: str | None = Field(None, description="judge=reward_model: folder or hub name")
+    llm: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     seed: int = 0
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_known(cls, judge: str) -> str:
+        if judge not in JUDGES:
+            raise ValueError(f"unknown judge '{judge}': set it to one of {', '.join(JUDGES)}")
+        return judge
+
+    @model_validator(mode="after")
+    def _judge_has_its_options(self) -> EvalConfig:
+        if self.judge == "reward_model" and not self.reward_model:
+            raise ValueError("judge reward_model needs eval.reward_model (a folder or hub name)")
+        if self.judge == "llm" and not (self.llm.base_url and self.llm.model):
+            raise ValueError("judge llm needs eval.llm.base_url and eval.llm.model")
+        if any(t < 0 for t in self.temperatures or []):
+            raise ValueError("temperatures must be >= 0")
+        return self
 
 
 class DistributedConfig(Section):

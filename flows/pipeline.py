@@ -1,6 +1,6 @@
 """The DPO pipeline as a Prefect flow: it reads like the diagram.
 
-    validate ─► sft ─► reference log-probs ─► dpo ─► evaluate ─► register
+    validate ─► sft ─► reference log-probs ─► dpo ─► evaluate ─► register ─► promote
 
 Each stage is a task cached on a key made of its config section, its inputs'
 content hashes and its code version (`tasks.stage.stage_key`): change β and
@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from flows.config import PipelineConfig
 from flows.errors import UserError
 from tasks import evaluate as evaluate_stage
+from tasks import promote as promote_stage
 from tasks import register as register_stage
 from tasks import training
 from tasks import validate as validate_stage
@@ -56,15 +57,20 @@ class StageRunner:
         return manifest
 
 
-def _dump(section) -> dict[str, Any]:
-    return section.model_dump(mode="json")
+def _dump(section, exclude: set[str] | None = None) -> dict[str, Any]:
+    return section.model_dump(mode="json", exclude=exclude)
+
+
+# How a job is run, not what it computes: left out of the cache keys.
+RUN_ONLY = {"master_port", "timeout_seconds"}
 
 
 @flow(name="dpo-pipeline", log_prints=True)
 def dpo_pipeline(
     config: dict[str, Any], workdir: str = ".dpoflow", parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """validate -> sft -> reference -> dpo -> evaluate -> register; returns the run's summary."""
+    """validate -> sft -> reference -> dpo -> evaluate -> register -> promote; returns the
+    run's summary."""
     cfg = PipelineConfig.model_validate(config)
     logger = get_run_logger()
     work = Path(workdir).resolve()
@@ -104,7 +110,7 @@ def dpo_pipeline(
         training.sft,
         key=stage_key(
             "sft",
-            _dump(cfg.sft) | {"distributed": _dump(cfg.distributed)},
+            _dump(cfg.sft) | {"distributed": _dump(cfg.distributed, RUN_ONLY)},
             sft_inputs,
             code_version(*training.TRAINING_CODE),
         ),
@@ -147,7 +153,7 @@ def dpo_pipeline(
         "sft": sft["sha256"],
         "reference": reference["sha256"] if reference else "on-the-fly",
     }
-    dpo_section = {"dpo": _dump(cfg.dpo), "distributed": _dump(cfg.distributed)}
+    dpo_section = {"dpo": _dump(cfg.dpo), "distributed": _dump(cfg.distributed, RUN_ONLY)}
     policy = run(
         "dpo",
         training.dpo,
@@ -183,6 +189,7 @@ def dpo_pipeline(
                 "models/evaluation.py",
                 "models/generation.py",
                 "models/judges.py",
+                "models/llm_judge.py",
                 "models/logprobs.py",
             ),
         ),
@@ -215,6 +222,24 @@ def dpo_pipeline(
         inputs=reg_inputs,
     )
 
+    promo_inputs = {"version": f"{registered['name']}:{registered['version']}"}
+    promoted = run(
+        "promote",
+        promote_stage.promote,
+        key=stage_key(
+            "promote",
+            _dump(cfg.eval),
+            promo_inputs,
+            code_version("tasks/promote.py", "tasks/registry.py", "models/promotion.py"),
+        ),
+        workdir=str(work),
+        section=_dump(cfg.eval),
+        mlflow_cfg=_dump(cfg.mlflow),
+        register_manifest=registered,
+        data_manifest=data,
+        inputs=promo_inputs,
+    )
+
     summary = {
         "stages": run.stages,
         "win_rate": evaluation["win_rate"],
@@ -223,7 +248,8 @@ def dpo_pipeline(
         "reward_reference": evaluation["reward_reference"],
         "kl": evaluation["kl"],
         "mlflow_run_id": policy["mlflow_run_id"],
-        "registered_model": {k: registered[k] for k in ("name", "version", "aliases")},
+        "registered_model": {k: promoted[k] for k in ("name", "version", "aliases")}
+        | {"promoted": promoted["promoted"], "promotion_reason": promoted["reason"]},
         "beta": cfg.dpo.beta,
         "loss_type": cfg.dpo.loss_type,
     }

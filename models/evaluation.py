@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from models.generation import generate, load_causal_lm
-from models.judges import Judge
+from models.judges import Judge, PairwiseJudge, Verdict
 from models.logprobs import collate, sequence_logps, tokenize_example
 
 # Judge scores closer than this are a tie: float noise must not decide a comparison.
@@ -25,7 +25,8 @@ TIE_TOLERANCE = 1e-9
 class WinRate:
     """Pairwise win rate of policy over reference, ties counted as half a win.
 
-    `low` and `high` bound `rate` with a Wilson score interval.
+    `low` and `high` bound `rate` with a Wilson score interval. `n` counts the judged
+    comparisons; `unparseable` ones (a pairwise judge gave no verdict) are left out of it.
     """
 
     rate: float
@@ -35,6 +36,7 @@ class WinRate:
     ties: int
     losses: int
     n: int
+    unparseable: int = 0
 
 
 def verdict(policy_score: float, reference_score: float) -> str:
@@ -74,11 +76,36 @@ def win_rate(
     if not policy_scores:
         raise ValueError("win_rate needs at least one comparison")
     verdicts = [verdict(p, r) for p, r in zip(policy_scores, reference_scores, strict=True)]
-    wins, ties, losses = (verdicts.count(v) for v in ("win", "tie", "loss"))
-    n = len(verdicts)
+    return win_rate_from_verdicts(verdicts, z=z)
+
+
+def win_rate_from_verdicts(verdicts: list[Verdict], *, z: float = 1.96) -> WinRate:
+    """The win rate of verdicts ("win", "tie", "loss"), ties half, with a Wilson interval.
+
+    "unparseable" verdicts are counted but left out of n: guessing them would bias the
+    rate, and silently dropping them would hide a judge that cannot follow its prompt.
+    """
+    wins, ties, losses, unparseable = (
+        verdicts.count(v) for v in ("win", "tie", "loss", "unparseable")
+    )
+    n = wins + ties + losses
+    if n == 0:
+        raise ValueError(
+            f"no comparison could be judged ({unparseable} unparseable verdicts); "
+            "check the judge's replies"
+        )
     rate = (wins + 0.5 * ties) / n
     low, high = wilson_interval(rate, n, z=z)
-    return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=losses, n=n)
+    return WinRate(
+        rate=rate,
+        low=low,
+        high=high,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        n=n,
+        unparseable=unparseable,
+    )
 
 
 def estimate_kl(
@@ -135,17 +162,45 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     return mean, stderr
 
 
+@dataclass(frozen=True)
+class Judged:
+    """Verdicts of the policy's answers against other answers, and the scores behind them
+    (None for a pairwise judge, which gives verdicts only)."""
+
+    verdicts: list[Verdict]
+    policy_scores: list[float] | None
+    other_scores: list[float] | None
+
+
+def judge_answers(
+    judge: Judge | PairwiseJudge,
+    prompts: list[str],
+    policy_answers: list[str],
+    other_answers: list[str],
+) -> Judged:
+    """Judge the policy's answers against others: pairwise judges compare, pointwise ones
+    score both sides and the scores decide."""
+    if isinstance(judge, PairwiseJudge):
+        return Judged(judge.compare(prompts, policy_answers, other_answers), None, None)
+    policy_scores = judge.score(prompts, policy_answers)
+    other_scores = judge.score(prompts, other_answers)
+    verdicts = [verdict(p, o) for p, o in zip(policy_scores, other_scores, strict=True)]
+    return Judged(verdicts, policy_scores, other_scores)
+
+
 def evaluate_policy(
     policy_dir: str,
     reference_dir: str,
     prompts: list[str],
-    judge: Judge,
+    judge: Judge | PairwiseJudge,
     *,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
+    temperatures: list[float] | None = None,
+    chosen: list[str | None] | None = None,
 ) -> dict:
     """Sample from policy and reference under identical settings, judge both, and
     report the win rate (Wilson 95% interval), mean judge rewards and the sampled KL.
@@ -154,42 +209,55 @@ def evaluate_policy(
     with shared random numbers two similar models would often write the very same
     answer, and those forced ties would pull every win rate towards 0.5. The KL
     uses the policy's tokenizer for both models, as DPO policies share their
-    reference's tokenizer.
+    reference's tokenizer. A pairwise judge has no rewards: they are NaN.
+
+    `temperatures` adds the same figures at each listed temperature under
+    `by_temperature` (the top-level figures stay those at `temperature`); the KL
+    there is the mean log-ratio under that temperature's samples, a KL proper only
+    at 1. `chosen` (the dataset's chosen answer per prompt, None where missing) adds
+    the policy's win rate against those answers under `vs_chosen`.
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
-    sampling = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
     policy, tokenizer = load_causal_lm(policy_dir)
     reference, reference_tokenizer = load_causal_lm(reference_dir)
-    policy_answers = generate(policy, tokenizer, prompts, **sampling)
-    reference_answers = generate(
-        reference, reference_tokenizer, prompts, **(sampling | {"seed": seed + 1})
-    )
 
-    policy_scores = judge.score(prompts, policy_answers)
-    reference_scores = judge.score(prompts, reference_answers)
-    result = win_rate(policy_scores, reference_scores)
-    kl, kl_stderr = estimate_kl(policy, reference, tokenizer, prompts, policy_answers)
-
-    samples = [
-        {
-            "prompt": prompt,
-            "policy_answer": policy_answer,
-            "reference_answer": reference_answer,
-            "policy_score": float(policy_score),
-            "reference_score": float(reference_score),
-            "verdict": verdict(policy_score, reference_score),
+    def at(temp: float) -> tuple[dict, list[dict], list[str]]:
+        sampling = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temp,
+            "top_p": top_p,
+            "batch_size": batch_size,
+            "seed": seed,
         }
-        for prompt, policy_answer, reference_answer, policy_score, reference_score in zip(
-            prompts, policy_answers, reference_answers, policy_scores, reference_scores, strict=True
+        policy_answers = generate(policy, tokenizer, prompts, **sampling)
+        reference_answers = generate(
+            reference, reference_tokenizer, prompts, **(sampling | {"seed": seed + 1})
         )
-    ]
+        comparison = judge_answers(judge, prompts, policy_answers, reference_answers)
+        kl = estimate_kl(policy, reference, tokenizer, prompts, policy_answers)
+        samples = _samples(prompts, policy_answers, reference_answers, comparison)
+        return _figures(comparison, kl), samples, policy_answers
+
+    figures, samples, policy_answers = at(temperature)
+    result = {**figures, "samples": samples}
+    if temperatures:
+        result["by_temperature"] = {
+            temperature_key(t): figures if t == temperature else at(t)[0]
+            for t in dict.fromkeys(temperatures)
+        }
+    if chosen is not None:
+        result["vs_chosen"] = _versus_chosen(judge, prompts, policy_answers, chosen)
+    return result
+
+
+def temperature_key(temperature: float) -> str:
+    """How a temperature names its metrics: 0.7 -> "0.7", 1.0 -> "1"."""
+    return f"{temperature:g}"
+
+
+def _figures(comparison: Judged, kl: tuple[float, float]) -> dict:
+    result = win_rate_from_verdicts(comparison.verdicts)
     return {
         "win_rate": result.rate,
         "win_rate_ci": [result.low, result.high],
@@ -197,16 +265,67 @@ def evaluate_policy(
         "ties": result.ties,
         "losses": result.losses,
         "n": result.n,
-        "reward_policy": _mean(policy_scores),
-        "reward_reference": _mean(reference_scores),
-        "kl": kl,
-        "kl_stderr": kl_stderr,
-        "samples": samples,
+        "unparseable": result.unparseable,
+        "reward_policy": _mean(comparison.policy_scores),
+        "reward_reference": _mean(comparison.other_scores),
+        "kl": kl[0],
+        "kl_stderr": kl[1],
     }
 
 
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values))
+def _samples(
+    prompts: list[str], policy_answers: list[str], reference_answers: list[str], c: Judged
+) -> list[dict]:
+    nan = [math.nan] * len(prompts)
+    return [
+        {
+            "prompt": prompt,
+            "policy_answer": policy_answer,
+            "reference_answer": reference_answer,
+            "policy_score": float(policy_score),
+            "reference_score": float(reference_score),
+            "verdict": v,
+        }
+        for prompt, policy_answer, reference_answer, policy_score, reference_score, v in zip(
+            prompts,
+            policy_answers,
+            reference_answers,
+            c.policy_scores or nan,
+            c.other_scores or nan,
+            c.verdicts,
+            strict=True,
+        )
+    ]
+
+
+def _versus_chosen(
+    judge: Judge | PairwiseJudge,
+    prompts: list[str],
+    policy_answers: list[str],
+    chosen: list[str | None],
+) -> dict | None:
+    """Win rate of the policy against the dataset's chosen answers, where there are any."""
+    rows = [
+        (prompt, answer, best)
+        for prompt, answer, best in zip(prompts, policy_answers, chosen, strict=True)
+        if best is not None
+    ]
+    if not rows:
+        return None
+    subset_prompts, subset_answers, subset_chosen = (list(col) for col in zip(*rows, strict=True))
+    comparison = judge_answers(judge, subset_prompts, subset_answers, subset_chosen)
+    result = win_rate_from_verdicts(comparison.verdicts)
+    return {
+        "win_rate": result.rate,
+        "win_rate_ci": [result.low, result.high],
+        "n": result.n,
+        "unparseable": result.unparseable,
+    }
+
+
+def _mean(values: list[float] | None) -> float:
+    """Mean judge reward; NaN when the judge gives verdicts but no scores."""
+    return float(sum(values) / len(values)) if values else math.nan
 
 
 def markdown_report(result: dict, *, title: str, max_samples: int = 5) -> str:
@@ -224,6 +343,21 @@ def markdown_report(result: dict, *, title: str, max_samples: int = 5) -> str:
         f"| mean reward, reference | {result['reward_reference']:.4f} |",
         f"| KL(policy ‖ reference), nats | {result['kl']:.4f} ± {result['kl_stderr']:.4f} |",
     ]
+    if result.get("unparseable"):
+        lines.append(f"| unparseable judge verdicts (left out) | {result['unparseable']} |")
+    versus = result.get("vs_chosen")
+    if versus:
+        low_c, high_c = versus["win_rate_ci"]
+        lines.append(
+            f"| win rate vs dataset's chosen | {versus['win_rate']:.3f} "
+            f"(95% CI {low_c:.3f} to {high_c:.3f}, n = {versus['n']}) |"
+        )
+    for key, figures in result.get("by_temperature", {}).items():
+        low_t, high_t = figures["win_rate_ci"]
+        lines.append(
+            f"| win rate at temperature {key} | {figures['win_rate']:.3f} "
+            f"(95% CI {low_t:.3f} to {high_t:.3f}), KL {figures['kl']:.4f} |"
+        )
     samples = result.get("samples", [])[:max_samples]
     if samples:
         lines += [

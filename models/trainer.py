@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -75,6 +76,19 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
+def split_heldout(examples: list, cfg: dict) -> tuple[list, list]:
+    """A seeded held-out split for evaluation during training (none when eval_every is 0)."""
+    if not cfg["eval_every"]:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(cfg["seed"] + 7).shuffle(order)
+    heldout = set(order[: cfg["eval_examples"]])
+    return (
+        [e for i, e in enumerate(examples) if i not in heldout],
+        [e for i, e in enumerate(examples) if i in heldout],
+    )
+
+
 def micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """Cut a global batch into this rank's micro-batches (one per accumulation step)."""
     chunk = len(indices) // grad_accum
@@ -85,8 +99,13 @@ def micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) ->
 # ---------------------------------------------------------------- objectives
 
 
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def sft_step(model, examples, idx, pad_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
-    batch = collate([examples[i] for i in idx], pad_id)
+    batch = to_device(collate([examples[i] for i in idx], pad_id), model)
     out = sequence_logps(model, batch)  # logps [N], n_tokens [N]
     n_tokens = out["n_tokens"].sum()
     loss = -out["logps"].sum() / n_tokens
@@ -104,13 +123,17 @@ class DPOObjective:
     def reference(self, batch: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_logps is not None:
             rows = torch.tensor(idx)
-            return self.reference_logps["chosen"][rows], self.reference_logps["rejected"][rows]
+            device = batch["input_ids"].device
+            return (
+                self.reference_logps["chosen"][rows].to(device),
+                self.reference_logps["rejected"][rows].to(device),
+            )
         with torch.no_grad():
             return split_pair_logps(sequence_logps(self.reference_model, batch)["logps"])
 
     def __call__(self, model, examples, idx, pad_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
         items = [examples[i] for i in idx]
-        batch = pair_batch([e[:3] for e in items], pad_id)  # 2B rows: chosen, then rejected
+        batch = to_device(pair_batch([e[:3] for e in items], pad_id), model)  # 2B rows: c, r
         out = sequence_logps(model, batch)
         policy_chosen, policy_rejected = split_pair_logps(out["logps"])  # [B], [B]
         len_chosen, len_rejected = split_pair_logps(out["n_tokens"].float())
@@ -208,7 +231,7 @@ def train(job: dict) -> dict:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=torch.float32)
-    if job.get("gradient_checkpointing"):
+    if cfg["gradient_checkpointing"]:  # recompute activations: less memory, more time
         model.gradient_checkpointing_enable()
     pairs = read_pairs(job["data_path"])
 
@@ -222,7 +245,10 @@ def train(job: dict) -> dict:
         else:
             reference_model = AutoModelForCausalLM.from_pretrained(job["model_path"]).eval()
             reference_model.requires_grad_(False)
+            if torch.cuda.is_available():
+                reference_model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         objective = DPOObjective(cfg, reference_logps, reference_model)
+    examples, heldout = split_heldout(examples, cfg)
 
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -268,6 +294,8 @@ def train(job: dict) -> dict:
             **{rate_name: seen_examples / elapsed},
             tokens_per_s=seen_tokens / elapsed,
         )
+        if heldout and (step + 1) % cfg["eval_every"] == 0:
+            last.update(evaluate_heldout(engine, objective, heldout, pad_id, cfg, world))
         if rank == 0:
             append_metrics(metrics_path, step + 1, last)
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < cfg["max_steps"]:
@@ -281,12 +309,33 @@ def train(job: dict) -> dict:
         "world_size": world,
         "final_metrics": last,
         "seconds": time.time() - t_start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if rank == 0:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
     dist.destroy_process_group()  # a clean teardown: ZeRO-3 aborts at exit without it
     return result
+
+
+@torch.no_grad()
+def evaluate_heldout(engine, objective, heldout: list, pad_id: int, cfg: dict, world: int) -> dict:
+    """Mean loss and metrics on the held-out examples (every rank runs all of them:
+    under ZeRO-3 every rank must take part in each forward pass)."""
+    engine.module.eval()
+    per_batch = max(1, cfg["batch_size"] // world)
+    totals: dict[str, float] = {}
+    batches = range(0, len(heldout), per_batch)
+    for start in batches:
+        idx = list(range(start, min(start + per_batch, len(heldout))))
+        _, metrics = objective(engine.module, heldout, idx, pad_id, cfg)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    engine.module.train()
+    totals.pop("tokens", None)
+    return {f"eval/{k}": v for k, v in totals.items()}
 
 
 def load_reference_logps(path: str, pairs: list[dict]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from flows.errors import UserError
+from flows.errors import ServerError, UserError
 from tasks.stage import StageDir
 
 
@@ -27,9 +27,11 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes and flaky infrastructure; a user's mistake fails at once."""
+    """Retry crashes and servers that are down; a user's mistake fails at once."""
     try:
         state.result()
+    except ServerError:
+        return True  # it may come back: retried with backoff, then one clear error
     except UserError:
         return False
     except Exception:
@@ -37,14 +39,17 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
-def stage_task(name: str, *, retries: int = 2, retry_delay_seconds: int = 5) -> Callable:
+RETRY_DELAYS = [5, 20, 60]  # seconds: back off, a server that is down may need a while
+
+
+def stage_task(name: str, *, retries: int = 2) -> Callable:
     """Decorator: a Prefect task cached on its `key` parameter and retried on crashes."""
     return task(
         name=name,
         cache_key_fn=_cache_key,
         persist_result=True,
         retries=retries,
-        retry_delay_seconds=retry_delay_seconds,
+        retry_delay_seconds=RETRY_DELAYS[:retries] or 0,
         retry_condition_fn=_retry_unless_user_error,
     )
 

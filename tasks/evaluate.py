@@ -6,18 +6,46 @@ import json
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.common import build_once, stage_task
 from tasks.stage import write_json_atomic
 from tasks.tracking import client, tracking_uri
 
-EVAL_METRICS = ("win_rate", "reward_policy", "reward_reference", "kl", "kl_stderr")
+EVAL_METRICS = ("win_rate", "reward_policy", "reward_reference", "kl", "kl_stderr", "unparseable")
 
 
 def read_prompts(path: Path, limit: int) -> list[str]:
+    return [row["prompt"] for row in read_prompt_rows(path, limit)]
+
+
+def read_prompt_rows(path: Path, limit: int) -> list[dict]:
+    """The first `limit` eval prompt rows: `prompt`, and `chosen` where the data has it."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()][:limit]
+        return [json.loads(line) for line in f if line.strip()][:limit]
+
+
+def eval_metrics(result: dict) -> dict[str, float]:
+    """MLflow metrics of an evaluation: `eval/...` at the main temperature, `eval/t{T}/...`
+    per extra temperature, `eval/vs_chosen/...` against the dataset's chosen answers."""
+
+    def figures(prefix: str, found: dict) -> dict[str, float]:
+        out = {f"{prefix}/{k}": float(found[k]) for k in EVAL_METRICS if k in found}
+        out[f"{prefix}/win_rate_ci_low"], out[f"{prefix}/win_rate_ci_high"] = found["win_rate_ci"]
+        return out
+
+    metrics = figures("eval", result)
+    for temperature, found in result.get("by_temperature", {}).items():
+        metrics |= figures(f"eval/t{temperature}", found)
+    if result.get("vs_chosen"):
+        metrics |= figures("eval/vs_chosen", result["vs_chosen"])
+    return metrics
+
+
+def samples_table(samples: list[dict], limit: int = 50) -> list[dict]:
+    """The first samples as rows for a Prefect table artifact (texts bounded for the UI)."""
+    keys = ("prompt", "policy_answer", "reference_answer")
+    return [{**s, **{k: s[k][:300] for k in keys}} for s in samples[:limit]]
 
 
 def log_evaluation(uri: str, run_id: str, result: dict, partial: Path) -> None:
@@ -25,10 +53,8 @@ def log_evaluation(uri: str, run_id: str, result: dict, partial: Path) -> None:
     import pandas as pd
 
     c = client(uri)
-    metrics = {f"eval/{k}": result[k] for k in EVAL_METRICS}
-    metrics["eval/win_rate_ci_low"], metrics["eval/win_rate_ci_high"] = result["win_rate_ci"]
-    for name, value in metrics.items():
-        c.log_metric(run_id, name, float(value))
+    for name, value in eval_metrics(result).items():
+        c.log_metric(run_id, name, value)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_table(pd.DataFrame(result["samples"]), artifact_file="eval/samples.json")
         mlflow.log_artifact(str(partial / "report.md"), artifact_path="eval")
@@ -51,20 +77,25 @@ def evaluate(
     logger = get_run_logger()
 
     def build(partial: Path) -> dict:
-        prompts = read_prompts(
+        rows = read_prompt_rows(
             Path(data_manifest["path"]) / "eval_prompts.jsonl", section["num_prompts"]
         )
+        prompts = [row["prompt"] for row in rows]
+        # The dataset's chosen answers, when the eval prompt file carries them.
+        chosen = [row.get("chosen") for row in rows] if any("chosen" in r for r in rows) else None
         logger.info("evaluating on %d held-out prompts, judge %s", len(prompts), section["judge"])
         result = evaluate_policy(
             str(Path(dpo_manifest["path"]) / dpo_manifest["model"]),
             str(Path(sft_manifest["path"]) / sft_manifest["model"]),
             prompts,
-            make_judge(section["judge"]),
+            make_judge(section["judge"], section),
             max_new_tokens=section["max_new_tokens"],
             temperature=section["temperature"],
             top_p=section["top_p"],
             batch_size=section["batch_size"],
             seed=section["seed"],
+            temperatures=section.get("temperatures"),
+            chosen=chosen,
         )
         report = markdown_report(result, title=f"Win rate of {dpo_manifest['stage']} policy")
         (partial / "report.md").write_text(report)
@@ -83,7 +114,12 @@ def evaluate(
             create_markdown_artifact(
                 key="win-rate", markdown=report, description="policy vs reference"
             )
-        except Exception:
+            create_table_artifact(
+                key="eval-samples",
+                table=samples_table(result["samples"]),
+                description=f"policy vs reference answers, judge {section['judge']}",
+            )
+        except Exception:  # an artifact is a courtesy; never fail the evaluation over it
             pass
         low, high = result["win_rate_ci"]
         logger.info(

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from tasks.common import build_once, stage_task
-from tasks.tracking import client, tracking_uri
+from tasks.tracking import client, server_errors, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,14 @@ def register(
     uri = tracking_uri(mlflow_cfg["tracking_uri"], workdir)
 
     def build(partial: Path) -> dict:
+        note = (
+            f"; the trained policy is kept in {dpo_manifest['path']} and the next run "
+            "registers it without training again"
+        )
+        with server_errors(uri, "registering the policy", note):
+            return register_version(partial)
+
+    def register_version(partial: Path) -> dict:
         c = client(uri)
         name, run_id = section["model_name"], dpo_manifest["mlflow_run_id"]
         version = find_version(c, name, key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,44 @@ def tracking_uri(configured: str | None, workdir: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def require_server(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail fast, with the fix, when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ServerError(
+            f"MLflow at {uri} cannot be reached ({exc.__class__.__name__}): start the server "
+            "or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri."
+        ) from exc
+
+
+@contextmanager
+def server_errors(uri: str, doing: str, keep_note: str = "") -> Iterator[None]:
+    """Turn "cannot reach the tracking server" into one clear, retryable ServerError."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        reason = type(exc).__name__
+    except MlflowException as exc:
+        text = str(exc)
+        if "connect" not in text.lower() and "max retries" not in text.lower():
+            raise
+        reason = text.splitlines()[0][:160]
+    else:
+        return
+    raise ServerError(
+        f"MLflow at {uri} could not be reached while {doing} ({reason}): start the server or "
+        f"fix MLFLOW_TRACKING_URI / mlflow.tracking_uri{keep_note}."
+    )
 
 
 def client(uri: str):

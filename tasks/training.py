@@ -22,6 +22,7 @@ from tasks.tracking import (
     flatten,
     log_metric_rows,
     log_params,
+    server_errors,
     start_or_resume_run,
     tracking_uri,
 )
@@ -49,14 +50,24 @@ def train_in_child(
     params: dict[str, str],
     tags: dict[str, str],
     reference_logps_path: str | None = None,
+    artifacts: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Run one training job into `partial/model`; returns the manifest's extra fields."""
     logger = get_run_logger()
     uri = tracking_uri(mlflow_cfg["tracking_uri"], workdir)
-    run_id = start_or_resume_run(
-        uri, mlflow_cfg["experiment"], workdir, partial / "mlflow_run_id", name=run_name, tags=tags
-    )
-    log_params(uri, run_id, params)
+    with server_errors(uri, f"starting the {kind} run"):
+        run_id = start_or_resume_run(
+            uri,
+            mlflow_cfg["experiment"],
+            workdir,
+            partial / "mlflow_run_id",
+            name=run_name,
+            tags=tags,
+        )
+        log_params(uri, run_id, params)
+        for artifact_path, local in (artifacts or {}).items():
+            if local.is_dir():
+                client(uri).log_artifacts(run_id, str(local), artifact_path)
     job = {
         "kind": kind,
         "train": section,
@@ -199,6 +210,8 @@ def dpo(
             params=params,
             tags=tags,
             reference_logps_path=reference_path,
+            # The Great Expectations report and Data Docs travel with the run they gated.
+            artifacts={"validation": Path(data_manifest["path"]) / "report"},
         )
         return {"config": section, "inputs": inputs, **extra}
 

@@ -80,7 +80,8 @@ def validate_data(
     write_jsonl(
         partial / "pairs.jsonl", pairs[["id", "prompt", "chosen", "rejected"]].to_dict("records")
     )
-    write_jsonl(partial / "eval_prompts.jsonl", prompts[["id", "prompt"]].to_dict("records"))
+    keep = [c for c in ("id", "prompt", "chosen") if c in prompts.columns]
+    write_jsonl(partial / "eval_prompts.jsonl", prompts[keep].to_dict("records"))
     return {
         "data_sha256": sha256_file(partial / "pairs.jsonl"),
         "n_pairs": len(pairs),

@@ -23,6 +23,13 @@ SMALL = [
 ]
 
 
+FAKE_SECRETS = {
+    "HF_TOKEN": "hf_FAKEdpoflowSECRET0001",
+    "OPENAI_API_KEY": "sk-FAKEdpoflowSECRET0002",
+    "DPOFLOW_JUDGE_API_KEY": "FAKEdpoflowSECRET0003",
+}
+
+
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory) -> dict[str, str]:
     """Environment for child `dpoflow` processes: own Prefect home, offline, no telemetry."""
@@ -38,6 +45,8 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         DO_NOT_TRACK="1",
         GX_ANALYTICS_ENABLED="false",
+        # Recognisable fake secrets: test_secrets scans every output for them.
+        **FAKE_SECRETS,
     )
     return env
 

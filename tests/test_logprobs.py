@@ -24,7 +24,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
 
@@ -33,9 +36,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -67,8 +77,11 @@ def _reference_logps(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) ->
 
 
 def _examples(tokenizer) -> list[tuple[list[int], list[int]]]:
-    texts = [(_words(5, 6, 7), _words(8, 9)), (_words(10), _words(11, 12, 13, 14, 15)),
-             (_words(*range(20, 30)), _words(40))]
+    texts = [
+        (_words(5, 6, 7), _words(8, 9)),
+        (_words(10), _words(11, 12, 13, 14, 15)),
+        (_words(*range(20, 30)), _words(40)),
+    ]
     return [
         tokenize_example(tokenizer, p, a, max_length=32, max_prompt_length=16) for p, a in texts
     ]
@@ -125,8 +138,10 @@ def test_collate_masks(tokenizer):
 
 
 def test_pair_batch_puts_chosen_first(tokenizer):
-    pairs = [([BOS, *_ids(1)], _ids(2) + [EOS], _ids(3, 4) + [EOS]),
-             ([BOS, *_ids(5, 6)], _ids(7) + [EOS], _ids(8) + [EOS])]
+    pairs = [
+        ([BOS, *_ids(1)], _ids(2) + [EOS], _ids(3, 4) + [EOS]),
+        ([BOS, *_ids(5, 6)], _ids(7) + [EOS], _ids(8) + [EOS]),
+    ]
     batch = pair_batch(pairs, PAD)
     answers = [batch["input_ids"][i][batch["loss_mask"][i]].tolist() for i in range(4)]
     assert answers == [pairs[0][1], pairs[1][1], pairs[0][2], pairs[1][2]]

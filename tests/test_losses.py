@@ -31,8 +31,15 @@ BETA = 0.1
 
 def _loss(loss_type: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return preference_loss(
-        PI_C, PI_R, REF_C, REF_R, beta=BETA, loss_type=loss_type,
-        chosen_lengths=LEN_C, rejected_lengths=LEN_R, **kwargs,
+        PI_C,
+        PI_R,
+        REF_C,
+        REF_R,
+        beta=BETA,
+        loss_type=loss_type,
+        chosen_lengths=LEN_C,
+        rejected_lengths=LEN_R,
+        **kwargs,
     )
 
 
@@ -53,9 +60,7 @@ def test_sigmoid_by_hand():
 def test_sigmoid_label_smoothing_by_hand():
     eps = 0.2
     losses, _, _ = _loss("sigmoid", label_smoothing=eps)
-    expected = [
-        -(1 - eps) * _log_sigmoid(BETA * h) - eps * _log_sigmoid(-BETA * h) for h in H
-    ]
+    expected = [-(1 - eps) * _log_sigmoid(BETA * h) - eps * _log_sigmoid(-BETA * h) for h in H]
     _close(losses, expected)
     # Smoothing makes a confidently-correct pair cost more than under plain DPO.
     assert losses[0] > _loss("sigmoid")[0][0]
@@ -103,8 +108,14 @@ def test_simpo_by_hand():
 def test_simpo_ignores_the_reference():
     with_ref = _loss("simpo")[0]
     without_ref = preference_loss(
-        PI_C, PI_R, None, None, beta=BETA, loss_type="simpo",
-        chosen_lengths=LEN_C, rejected_lengths=LEN_R,
+        PI_C,
+        PI_R,
+        None,
+        None,
+        beta=BETA,
+        loss_type="simpo",
+        chosen_lengths=LEN_C,
+        rejected_lengths=LEN_R,
     )[0]
     torch.testing.assert_close(with_ref, without_ref)
 
@@ -122,8 +133,9 @@ def test_large_margins_are_finite():
     big = _t(1e4, -1e4)
     zero = torch.zeros(2, dtype=torch.float64)
     for loss_type in ("sigmoid", "robust"):
-        losses, _, _ = preference_loss(big, zero, zero, zero, beta=1.0, loss_type=loss_type,
-                                       label_smoothing=0.1)
+        losses, _, _ = preference_loss(
+            big, zero, zero, zero, beta=1.0, loss_type=loss_type, label_smoothing=0.1
+        )
         assert torch.isfinite(losses).all()
 
 
@@ -178,10 +190,19 @@ def _trl_dpo_losses(loss_type, beta, eps, pi_c, pi_r, ref_c, ref_r, len_c, len_r
         device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
     )
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=False), accelerator=accelerator, aux_loss_enabled=False,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=eps,
-        use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0,
+        model=SimpleNamespace(training=False),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=eps,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
     )
     width = int(max(len_c.max(), len_r.max())) + 2
     losses = []
@@ -192,14 +213,17 @@ def _trl_dpo_losses(loss_type, beta, eps, pi_c, pi_r, ref_c, ref_r, len_c, len_r
         log_probs = torch.zeros(2, width - 1, dtype=torch.float64)
         log_probs[:, 0] = torch.stack([pi_c[i], pi_r[i]])
         outputs = SimpleNamespace(
-            log_probs=log_probs, entropy=torch.zeros(2, width - 1),
-            mean_logits=torch.zeros(2, width - 1), is_top1=torch.zeros(2, width - 1, dtype=bool),
+            log_probs=log_probs,
+            entropy=torch.zeros(2, width - 1),
+            mean_logits=torch.zeros(2, width - 1),
+            is_top1=torch.zeros(2, width - 1, dtype=bool),
         )
         inputs = {
             "input_ids": torch.zeros(2, width, dtype=torch.long),
             "attention_mask": torch.ones(2, width, dtype=torch.long),
             "completion_mask": completion_mask,
-            "ref_chosen_logps": ref_c[i : i + 1], "ref_rejected_logps": ref_r[i : i + 1],
+            "ref_chosen_logps": ref_c[i : i + 1],
+            "ref_rejected_logps": ref_r[i : i + 1],
         }
         loss = DPOTrainer._compute_loss(trainer, _FixedOutputs(outputs), inputs, False)
         losses.append(loss)
@@ -220,8 +244,15 @@ def test_matches_trl_dpo_trainer(loss_type, beta):
     pi_c, pi_r, ref_c, ref_r, len_c, len_r = _random_pairs()
     expected = _trl_dpo_losses(loss_type, beta, eps, pi_c, pi_r, ref_c, ref_r, len_c, len_r)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps,
-        chosen_lengths=len_c, rejected_lengths=len_r,
+        pi_c,
+        pi_r,
+        ref_c,
+        ref_r,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        chosen_lengths=len_c,
+        rejected_lengths=len_r,
     )
     torch.testing.assert_close(losses, expected, rtol=0, atol=1e-6)
     # TRL's logged rewards: beta * log-ratio.
@@ -235,13 +266,25 @@ def test_simpo_matches_trl_cpo_trainer(eps):
     cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
     pi_c, pi_r, _, _, len_c, len_r = _random_pairs(seed=1)
     trainer = SimpleNamespace(
-        alpha=0.0, beta=2.0, simpo_gamma=0.5, label_smoothing=eps, loss_type="simpo",
+        alpha=0.0,
+        beta=2.0,
+        simpo_gamma=0.5,
+        label_smoothing=eps,
+        loss_type="simpo",
         accelerator=SimpleNamespace(device=torch.device("cpu")),
     )
     expected = cpo.CPOTrainer.cpo_loss(trainer, pi_c / len_c, pi_r / len_r)
     actual = preference_loss(
-        pi_c, pi_r, None, None, beta=2.0, loss_type="simpo", label_smoothing=eps,
-        chosen_lengths=len_c, rejected_lengths=len_r, simpo_gamma=0.5,
+        pi_c,
+        pi_r,
+        None,
+        None,
+        beta=2.0,
+        loss_type="simpo",
+        label_smoothing=eps,
+        chosen_lengths=len_c,
+        rejected_lengths=len_r,
+        simpo_gamma=0.5,
     )
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-6)
@@ -251,7 +294,13 @@ def test_loss_types_are_all_covered():
     pi_c, pi_r, ref_c, ref_r, len_c, len_r = _random_pairs(n=3)
     for loss_type in LOSS_TYPES:
         losses, _, _ = preference_loss(
-            pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type=loss_type,
-            chosen_lengths=len_c, rejected_lengths=len_r,
+            pi_c,
+            pi_r,
+            ref_c,
+            ref_r,
+            beta=0.1,
+            loss_type=loss_type,
+            chosen_lengths=len_c,
+            rejected_lengths=len_r,
         )
         assert losses.shape == (3,) and torch.isfinite(losses).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.conftest import run_cli, run_pipeline
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["validate", "sft", "reference", "dpo", "evaluate", "register"]
+STAGES = ["validate", "sft", "reference", "dpo", "evaluate", "register", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +19,7 @@ def first_run(tmp_path_factory, cli_env):
     workdir = tmp_path_factory.mktemp("pipeline")
     proc, summary = run_pipeline(workdir, cli_env, name="first")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (workdir / "console.log").write_text(proc.stdout + proc.stderr)
     return workdir, summary
 
 
@@ -29,7 +31,11 @@ def test_first_run_completes_every_stage(first_run):
     low, high = summary["win_rate_ci"]
     assert 0.0 <= low <= summary["win_rate"] <= high <= 1.0
     assert summary["kl"] == summary["kl"]  # a number, not NaN
-    assert summary["registered_model"]["aliases"] == ["candidate"]
+    reg = summary["registered_model"]
+    # The promotion gate: with no champion yet, the interval against the reference decides.
+    assert reg["promoted"] == (low > 0.5)
+    assert reg["aliases"] == (["candidate", "champion"] if low > 0.5 else ["candidate"])
+    assert reg["promotion_reason"]
 
 
 def test_mlflow_holds_metrics_params_and_registered_version(first_run):
@@ -82,6 +88,7 @@ def test_changing_beta_reruns_only_what_depends_on_it(first_run, cli_env):
         "dpo": "completed",
         "evaluate": "completed",
         "register": "completed",
+        "promote": "completed",
     }
     assert summary["mlflow_run_id"] != first["mlflow_run_id"]
     assert int(summary["registered_model"]["version"]) > int(first["registered_model"]["version"])
@@ -114,3 +121,55 @@ def test_bad_override_names_the_key(tmp_path, cli_env):
     assert proc.returncode == 1
     assert "dpo.beta" in proc.stderr
     assert not (tmp_path / "stages").exists()
+
+
+def test_models_lists_versions_and_promote_names_unknown_versions(first_run, cli_env):
+    workdir, summary = first_run
+    proc = run_cli(["models", "--workdir", str(workdir)], cli_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dpoflow-policy" in proc.stdout and "candidate" in proc.stdout
+
+    proc = run_cli(["promote", "dpoflow-policy", "99", "--workdir", str(workdir)], cli_env)
+    assert proc.returncode == 1
+    assert "has no version '99'" in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = run_cli(["models", "--set", "mlflow.tracking_uri=http://127.0.0.1:9"], cli_env)
+    assert proc.returncode == 1 and "cannot be reached" in proc.stderr
+
+
+@pytest.mark.parametrize("sample", ["hh_sample.jsonl", "ultrafeedback_sample.jsonl"])
+def test_hh_and_ultrafeedback_shapes_train_through_the_pipeline(tmp_path, cli_env, sample):
+    data = Path(__file__).parent / "data" / sample
+    proc, summary = run_pipeline(
+        tmp_path,
+        cli_env,
+        f"data.train={data}",
+        "data.min_rows=10",
+        "sft.max_steps=6",
+        "dpo.max_steps=4",
+        "sft.batch_size=8",
+        "dpo.batch_size=8",
+        "eval.num_prompts=8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {s["status"] for s in summary["stages"].values()} == {"completed"}
+    pairs = next((tmp_path / "stages" / "validate").glob("*/pairs.jsonl")).read_text()
+    first = json.loads(pairs.splitlines()[0])
+    assert first["prompt"] and first["chosen"] and first["rejected"]
+    assert first["chosen"] != first["rejected"]
+
+
+def test_no_secret_reaches_any_output(first_run, cli_env):
+    """Fake API keys and hub tokens are in the environment of every run: none may appear
+    in MLflow (params, tags, artifacts: all in the work directory), in Prefect's database
+    and results, or in the console log."""
+    from tests.conftest import FAKE_SECRETS
+
+    workdir, _ = first_run
+    places = [workdir, Path(cli_env["PREFECT_HOME"])]
+    files = [f for place in places for f in place.rglob("*") if f.is_file()]
+    assert any(f.name == "mlflow.db" for f in files) and any(f.suffix == ".db" for f in files)
+    for file in files:
+        content = file.read_bytes()
+        for name, secret in FAKE_SECRETS.items():
+            assert secret.encode() not in content, f"{name} leaked into {file}"

@@ -155,3 +155,28 @@ def test_sigkill_then_resume_from_the_newest_checkpoint(embedded, one_process, t
     uninterrupted_final = losses(one_process[1])[-1]
     print(f"resumed from step 6: final loss {resumed_final:.6f} vs {uninterrupted_final:.6f}")
     assert abs(resumed_final - uninterrupted_final) < LOSS_TOLERANCE
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (the process table, read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
+    job = make_job(embedded, tmp_path, max_steps=10_000)
+    tmp_path.mkdir(exist_ok=True)
+    with pytest.raises(TimeoutError):
+        run_training(
+            job, tmp_path, log=lambda line: None, on_metrics=lambda rows: None, timeout_seconds=8
+        )
+    time.sleep(0.5)
+    assert processes_mentioning(str(tmp_path / "job.json")) == []  # no orphan worker

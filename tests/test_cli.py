@@ -1,0 +1,52 @@
+"""`dpoflow` as a user meets it: help, validate, and errors that are one clear sentence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+HH = Path(__file__).parent / "data" / "hh_sample.jsonl"
+
+
+def test_help_lists_the_commands(cli_env):
+    proc = run_cli(["--help"], cli_env)
+    assert proc.returncode == 0
+    for command in ("run", "validate"):
+        assert command in proc.stdout
+
+
+def test_validate_accepts_good_data(cli_env, tmp_path):
+    proc = run_cli(
+        ["validate", str(HH), "--workdir", str(tmp_path), "--set", "data.min_rows=5"], cli_env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "passed validation" in proc.stdout
+
+
+def test_validate_rejects_bad_data_with_a_table_and_one_sentence(cli_env, tmp_path):
+    rows = [json.loads(line) for line in HH.read_text().splitlines()]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli(
+        ["validate", str(bad), "--workdir", str(tmp_path), "--set", "data.min_rows=5"], cli_env
+    )
+    assert proc.returncode == 1
+    assert "expect_select_column_values_to_be_unique_within_record" in proc.stdout  # the table
+    assert "chosen is the same as rejected" in proc.stderr and "rows 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_file_is_one_sentence(cli_env, tmp_path):
+    proc = run_cli(["validate", str(tmp_path / "nope.jsonl"), "--workdir", str(tmp_path)], cli_env)
+    assert proc.returncode == 1
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_is_refused_before_anything_runs(cli_env, tmp_path):
+    proc = run_cli(["run", "--workdir", str(tmp_path), "--set", "dpo.betta=0.1"], cli_env)
+    assert proc.returncode == 1
+    assert "unknown config key 'dpo.betta'" in proc.stderr
+    assert not (tmp_path / "stages").exists()
