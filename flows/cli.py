@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.cli import bench_app
 from flows.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from flows.errors import UserError
 
@@ -30,6 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True, soft_wrap=True)  # one sentence stays one line
 
 ConfigOpt = Annotated[

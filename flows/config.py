@@ -51,6 +51,7 @@ class TrainConfig(Section):
     """What SFT and DPO share: one training loop serves both."""
 
     max_steps: int = Field(300, ge=1)
+    epochs: float | None = Field(None, gt=0, description="if set, overrides max_steps")
     batch_size: int = Field(32, ge=1, description="global batch (sequences for SFT, pairs for DPO)")
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)

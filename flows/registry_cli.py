@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from flows.config import PipelineConfig
 
 
 def _win_rate(row: dict) -> str:
-    """"0.604 [0.4076, 0.7720]" -> "0.604 (0.408-0.772)"; blank for versions made elsewhere."""
+    """Tags "0.604" and "[0.4076, 0.7720]" -> "0.604 (0.408-0.772)"; blank if untagged."""
     if not row["win_rate"]:
         return ""
     low, high = json.loads(row["win_rate_ci"] or "[nan, nan]")
     return f"{float(row['win_rate']):.3f} ({low:.3f}-{high:.3f})"
 
 
-def versions_table(rows: list[dict], uri: str) -> Table:
-    """Registered versions, newest first, with aliases and the figures they were promoted on."""
-    table = Table(title=f"registered models at {uri}", show_header=True)
+def versions_table(rows: list[dict], uri: str) -> Group:
+    """Registered versions, newest first, with aliases and figures; then each version's
+    promotion reason on its own line (reasons are sentences: too long for a column)."""
+    table = Table(title=f"registered models at {uri}", show_header=True, box=box.SIMPLE)
     for column in ("model", "version", "aliases", "win rate (95% CI)", "β", "loss", "judge"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("promotion", overflow="fold", min_width=20)
+        table.add_column(column)  # wraps between words only, so names stay whole
     for row in rows:
         table.add_row(
             row["name"],
@@ -33,12 +36,16 @@ def versions_table(rows: list[dict], uri: str) -> Table:
             row["beta"],
             row["loss_type"],
             row["judge"],
-            row["promotion.reason"],
         )
-    return table
+    reasons = [
+        Text(f"{row['name']} v{row['version']}: {row['promotion.reason']}")
+        for row in rows
+        if row["promotion.reason"]
+    ]
+    return Group(table, *reasons)
 
 
-def show_models(cfg: PipelineConfig, workdir: Path, name: str | None) -> Table | str:
+def show_models(cfg: PipelineConfig, workdir: Path, name: str | None) -> Group | str:
     """The versions table, or one line saying that nothing is registered yet."""
     from tasks.registry import list_versions, registry
     from tasks.tracking import tracking_uri

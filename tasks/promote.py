@@ -9,7 +9,7 @@ from prefect import get_run_logger
 from tasks.common import build_once, stage_task
 from tasks.evaluate import read_prompts
 from tasks.registry import promote_version
-from tasks.tracking import tracking_uri
+from tasks.tracking import server_errors, tracking_uri
 
 
 @stage_task("promote")
@@ -28,13 +28,11 @@ def promote(
         prompts = read_prompts(
             Path(data_manifest["path"]) / "eval_prompts.jsonl", section["num_prompts"]
         )
-        outcome = promote_version(
-            tracking_uri(mlflow_cfg["tracking_uri"], workdir),
-            register_manifest["name"],
-            register_manifest["version"],
-            prompts,
-            section,
-        )
+        uri = tracking_uri(mlflow_cfg["tracking_uri"], workdir)
+        with server_errors(uri, "applying the promotion gate"):
+            outcome = promote_version(
+                uri, register_manifest["name"], register_manifest["version"], prompts, section
+            )
         logger.info(
             "%s v%s %s: %s",
             outcome["name"],

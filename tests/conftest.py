@@ -44,6 +44,7 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         DO_NOT_TRACK="1",
+        COLUMNS="200",  # rich wraps tables at 80 columns without a terminal
         GX_ANALYTICS_ENABLED="false",
         # Recognisable fake secrets: test_secrets scans every output for them.
         **FAKE_SECRETS,

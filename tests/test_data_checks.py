@@ -117,7 +117,9 @@ def test_load_prompts_from_prompt_and_preference_files(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", ROWS + ROWS[:2])
     df = load_prompts(str(pairs))
     assert df["prompt"].tolist() == [r["prompt"] for r in ROWS]
-    assert list(df.columns) == ["id", "prompt"]
+    # A preference file's chosen answers come along: the evaluation can judge against them.
+    assert list(df.columns) == ["id", "prompt", "chosen"]
+    assert df["chosen"].tolist() == [r["chosen"] for r in ROWS]
 
 
 # --------------------------------------------------------------------------- shapes

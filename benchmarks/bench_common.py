@@ -1,0 +1,40 @@
+"""What both sides of a benchmark share: the spec, thread settings, peak memory, step timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+Spec = dict[str, Any]  # kind, model, data, steps, warmup, batch_size, max_length, ...
+
+
+def setup_threads(spec: Spec) -> None:
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_window(step_times: list[float], warmup: int) -> float:
+    """Seconds from the end of the last warm-up step to the end of the last step.
+
+    ``step_times[k]`` is the time at the end of step k+1, counted from the loop's start."""
+    return step_times[-1] - (step_times[warmup - 1] if warmup else 0.0)
+
+
+def child_main(run) -> None:
+    """`python -m benchmarks.<side> SPEC.json OUT.json`: run one side, write its figures."""
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_threads(spec)
+    result = run(spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(sys.argv[2]).write_text(json.dumps(result, indent=2))

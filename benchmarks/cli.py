@@ -1,0 +1,56 @@
+"""`dpoflow bench`: the typer sub-app; the logic lives in benchmarks/dpo_bench.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+bench_app = typer.Typer(help="Benchmark our SFT/DPO training against TRL's trainers.",
+                        no_args_is_help=True)
+
+Model = Annotated[Path, typer.Option("--model", help="Hugging Face model folder.")]
+Data = Annotated[Path, typer.Option("--data", help="JSONL of prompt/chosen/rejected.")]
+Steps = Annotated[int, typer.Option("--steps", help="Timed steps (after the warm-up).")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed steps first.")]
+Batch = Annotated[int, typer.Option("--batch-size", help="Pairs (DPO) or sequences per step.")]
+MaxLen = Annotated[int, typer.Option("--max-length")]
+MaxPrompt = Annotated[int, typer.Option("--max-prompt-length")]
+Peer = Annotated[str | None, typer.Option("--peer", help="'trl' to run TRL's trainer too.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
+Threads = Annotated[int, typer.Option("--threads", help="torch threads per side.")]
+
+
+def _spec(kind: str, model: Path, data: Path, steps: int, warmup: int, batch_size: int,
+          max_length: int, max_prompt_length: int, threads: int, **extra) -> dict:
+    return dict(kind=kind, model=str(model), data=str(data), steps=steps, warmup=warmup,
+                batch_size=batch_size, max_length=max_length,
+                max_prompt_length=max_prompt_length, threads=threads,
+                learning_rate=5e-4, **extra)
+
+
+@bench_app.command()
+def dpo(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 16,
+        max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
+        json_out: JsonOut = None, threads: Threads = 2,
+        beta: Annotated[float, typer.Option("--beta")] = 0.1,
+        loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid") -> None:
+    """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
+    from benchmarks.dpo_bench import run_bench
+
+    spec = _spec("dpo", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
+                 threads, beta=beta, loss_type=loss_type)
+    run_bench(spec, peer, json_out)
+
+
+@bench_app.command()
+def sft(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 32,
+        max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
+        json_out: JsonOut = None, threads: Threads = 2) -> None:
+    """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
+    from benchmarks.dpo_bench import run_bench
+
+    spec = _spec("sft", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
+                 threads)
+    run_bench(spec, peer, json_out)

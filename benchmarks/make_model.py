@@ -1,0 +1,89 @@
+"""Benchmark models: a Llama from a LlamaConfig with a realistic vocabulary.
+
+The tokenizer is a byte-level BPE fitted on the data (the builder of ``models/tiny_llama.py``).
+On the embedded corpus BPE saturates at about 850 tokens, so the model's embedding and output
+layer are sized to the preset's vocabulary (32000 rows, the rest never produced by the
+tokenizer, as in real models with padded vocabularies): the output layer (vocab x hidden) then
+dominates the cost, as it does for small real models.
+
+    python -m benchmarks.make_model --preset 4m --out .dpoflow/bench/llama-4m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.tiny_llama import _train_tokenizer
+
+# name -> (vocab, hidden, layers, heads, positions)
+PRESETS: dict[str, dict[str, int]] = {
+    # 4.2 M non-embedding + 8.2 M tied embedding (32000 x 256): 12.4 M in all
+    "4m": dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4),
+    # about 30 M in all: 16.4 M tied embedding (32000 x 512), 12.6 M in 4 layers
+    "30m": dict(vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8),
+}
+
+
+def corpus(data_path: Path) -> list[str]:
+    texts: list[str] = []
+    with open(data_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                pair = json.loads(line)
+                texts += [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]]
+    return texts
+
+
+def ensure_model(out: Path, data_path: Path, preset: str, *, max_positions: int = 512) -> Path:
+    """Build (once) the preset's model and tokenizer into ``out``."""
+    if (out / "config.json").is_file():
+        return out
+    p = PRESETS[preset]
+    tokenizer = _train_tokenizer(corpus(data_path), p["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=max(p["vocab_size"], len(tokenizer)),
+        hidden_size=p["hidden_size"],
+        intermediate_size=4 * p["hidden_size"],
+        num_hidden_layers=p["num_layers"],
+        num_attention_heads=p["num_heads"],
+        num_key_value_heads=p["num_heads"],
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def count_parameters(model_dir: Path) -> dict[str, int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--data", type=Path, required=True, help="JSONL of prompt/chosen/rejected")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    ensure_model(args.out, args.data, args.preset)
+    print(json.dumps(count_parameters(args.out)))
+
+
+if __name__ == "__main__":
+    main()

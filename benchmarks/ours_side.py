@@ -1,0 +1,108 @@
+"""Our side of the benchmark: the real trainer loop (models/trainer.py), in this process.
+
+``models.trainer.train(job)`` is called directly with a one-process gloo group: the same code
+the deepspeed launcher runs (DeepSpeed engine, objective, optimizer, metrics), minus the
+launcher's process start. Step times come from the loop's own metrics (its cumulative
+throughput gives the elapsed time at each step), so nothing is added to the loop to time it.
+For DPO the timed window includes computing the reference log-probs (models/reference.py),
+prorated to the timed steps' share of the pairs, as TRL's time includes its reference passes.
+
+    python -m benchmarks.ours_side SPEC.json OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_common import Spec, child_main, timed_window
+from flows.config import DPOConfig, SFTConfig
+from models import trainer
+from models.reference import compute_reference_logps
+
+
+def train_section(spec: Spec) -> dict:
+    common = dict(
+        max_steps=spec["warmup"] + spec["steps"],
+        batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        warmup_steps=0,
+        lr_schedule="constant",
+        max_length=spec["max_length"],
+        max_prompt_length=spec["max_prompt_length"],
+        checkpoint_every=10**9,
+        seed=0,
+    )
+    if spec["kind"] == "sft":
+        return SFTConfig(answers="chosen", **common).model_dump()
+    return DPOConfig(beta=spec["beta"], loss_type=spec["loss_type"], **common).model_dump()
+
+
+def real_tokens(spec: Spec, section: dict) -> int:
+    """Prompt + answer tokens (no padding) of the pairs the timed steps train on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    pairs = trainer.read_pairs(spec["data"])
+    if spec["kind"] == "sft":
+        examples = [(p, a) for p, a in trainer.sft_examples(pairs, tokenizer, section)]
+        per = [len(p) + len(a) for p, a in examples]
+    else:
+        per = [2 * len(p) + len(c) + len(r) for p, c, r, _ in trainer.dpo_examples(
+            pairs, tokenizer, section)]
+    total = 0
+    for step in range(spec["warmup"], section["max_steps"]):
+        total += sum(per[i] for i in trainer.batch_indices(
+            len(per), step, section["batch_size"], section["seed"]))
+    return total
+
+
+def run(spec: Spec) -> dict:
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(spec.get("port", 29533)))
+    section = train_section(spec)
+    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
+    reference_seconds, reference_path = 0.0, None
+    if spec["kind"] == "dpo":
+        t0 = time.perf_counter()
+        stored = compute_reference_logps(
+            spec["model"], spec["data"], max_length=spec["max_length"],
+            max_prompt_length=spec["max_prompt_length"],
+        )
+        reference_seconds = time.perf_counter() - t0
+        reference_path = str(work / "reference_logps.pt")
+        torch.save(stored, reference_path)
+    job = {
+        "kind": spec["kind"],
+        "train": section,
+        "distributed": {"zero_stage": 0, "precision": "fp32"},
+        "model_path": spec["model"],
+        "data_path": spec["data"],
+        "reference_logps_path": reference_path,
+        "output_dir": str(work / "model"),
+        "checkpoint_dir": str(work / "checkpoints"),
+        "metrics_path": str(work / "metrics.jsonl"),
+    }
+    trainer.train(job)
+    rows = [json.loads(line) for line in Path(job["metrics_path"]).read_text().splitlines()]
+    rate = "pairs_per_s" if spec["kind"] == "dpo" else "sequences_per_s"
+    step_times = [r["step"] * spec["batch_size"] / r[rate] for r in rows]
+    total_steps = section["max_steps"]
+    seconds = timed_window(step_times, spec["warmup"])
+    seconds += reference_seconds * spec["steps"] / total_steps  # the timed steps' share
+    return {
+        "seconds": seconds,
+        "reference_seconds_all_pairs": reference_seconds,
+        "examples": spec["steps"] * spec["batch_size"],
+        "tokens": real_tokens(spec, section),
+        "losses": [r["loss"] for r in rows],
+    }
+
+
+if __name__ == "__main__":
+    child_main(run)
