@@ -5,6 +5,8 @@ The CLI prints that sentence and exits non-zero; it never shows a traceback
 for these.
 """
 
+import logging
+
 
 class UserError(Exception):
     """Something the user can fix: bad data, bad config, a missing model, a server that is down."""
@@ -24,3 +26,21 @@ class ModelError(UserError):
 
 class ServerError(UserError):
     """A server the pipeline needs (MLflow, Prefect, a judge endpoint) is unreachable."""
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """A user's mistake is one sentence: drop the traceback Prefect would log beside it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def hide_user_error_tracebacks() -> None:
+    """Install the filter on the loggers Prefect reports task and flow failures on."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideUserErrorTracebacks) for f in logger.filters):
+            logger.addFilter(HideUserErrorTracebacks())

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig
-from flows.errors import UserError
+from flows.errors import hide_user_error_tracebacks
 from tasks import evaluate as evaluate_stage
 from tasks import promote as promote_stage
 from tasks import register as register_stage
@@ -24,6 +24,8 @@ from tasks import training
 from tasks import validate as validate_stage
 from tasks.sources import fingerprint, resolve_data, resolve_model
 from tasks.stage import MANIFEST, code_version, stage_key
+
+hide_user_error_tracebacks()  # a bad config or bad data is reported in one sentence
 
 
 class StageRunner:
@@ -257,6 +259,3 @@ def dpo_pipeline(
         "win rate %.3f %s, KL %.3f", summary["win_rate"], summary["win_rate_ci"], summary["kl"]
     )
     return summary
-
-
-__all__ = ["dpo_pipeline", "UserError"]
