@@ -27,6 +27,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -302,6 +303,7 @@ def train(job: dict) -> dict:
         )
         if heldout and (step + 1) % cfg["eval_every"] == 0:
             last.update(evaluate_heldout(engine, objective, heldout, pad_id, cfg, world))
+        stop_if_orphaned(job, step + 1)
         if rank == 0:
             append_metrics(metrics_path, step + 1, last)
             if (step + 1) % report_every == 0 or step + 1 == cfg["max_steps"]:
@@ -350,6 +352,26 @@ def evaluate_heldout(engine, objective, heldout: list, pad_id: int, cfg: dict, w
     return {f"eval/{k}": v for k, v in totals.items()}
 
 
+def stop_if_orphaned(job: dict, step: int) -> None:
+    """End this job's process group when the pipeline that started it was killed.
+
+    A SIGKILLed `dpoflow run` cannot end its children; without this check the job
+    would go on training into the partial folder that the next run resumes from.
+    """
+    owner = job.get("owner_pid")
+    if not owner:
+        return
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        print(
+            f"[{job['kind']}] the pipeline that started this job is gone; stopping at step "
+            f"{step} (the newest checkpoint is kept for the next run)",
+            flush=True,
+        )
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
 def load_reference_logps(path: str, pairs: list[dict]) -> dict[str, torch.Tensor]:
     """Reference log-probs stored by example id, re-ordered to this data's order."""
     stored = torch.load(path)
@@ -374,13 +396,19 @@ def append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
 
 
 def truncate_metrics(path: Path, start_step: int) -> None:
-    """On resume, drop the metrics of steps after the checkpoint: they will be redone."""
+    """On resume, drop the metrics of steps after the checkpoint: they will be redone.
+
+    The file is replaced, not rewritten in place, so a reader tailing it sees a new
+    file (a new inode) rather than a shorter one that may already have grown again.
+    """
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    text = path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines()  # a line cut by a kill has no newline
+    keep = [line for line in lines if json.loads(line)["step"] <= start_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int) -> None:

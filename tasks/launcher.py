@@ -74,13 +74,14 @@ class MetricsTail:
     """Reads the lines appended to metrics.jsonl since the last call."""
 
     def __init__(self, path: Path, on_metrics: Callable[[list[dict]], None]):
-        self.path, self.on_metrics, self.offset = path, on_metrics, 0
+        self.path, self.on_metrics, self.offset, self.inode = path, on_metrics, 0, None
 
     def poll(self) -> None:
         if not self.path.exists():
             return
-        if self.path.stat().st_size < self.offset:  # truncated on resume
-            self.offset = 0
+        inode = self.path.stat().st_ino
+        if inode != self.inode:  # a new file: the trainer replaced it when it resumed
+            self.inode, self.offset = inode, 0
         with open(self.path) as f:
             f.seek(self.offset)
             chunk = f.read()
@@ -101,6 +102,7 @@ def run_training(
 ) -> dict:
     """Launch the job, stream it, return its result.json; raise TrainingFailed on failure."""
     check_batch_layout(job["train"], job["distributed"])
+    job = {**job, "owner_pid": os.getpid()}  # the job stops itself if this process is killed
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
     cmd = launcher_command(job_path, job["distributed"])

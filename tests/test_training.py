@@ -38,15 +38,9 @@ def embedded(tmp_path_factory):
 def make_job(
     embedded, out: Path, kind: str = "dpo", processes: int = 1, zero: int = 0, **train
 ) -> dict:
-    section = (DPOConfig if kind == "dpo" else SFTConfig)(
-        max_steps=8,
-        batch_size=8,
-        max_length=64,
-        max_prompt_length=16,
-        warmup_steps=2,
-        checkpoint_every=4,
-        **train,
-    )
+    small = dict(max_steps=8, batch_size=8, max_length=64, max_prompt_length=16,
+                 warmup_steps=2, checkpoint_every=4)
+    section = (DPOConfig if kind == "dpo" else SFTConfig)(**(small | train))
     return {
         "kind": kind,
         "train": section.model_dump(),
