@@ -36,6 +36,9 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("prefect-home")
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    # Tools started by name (`mlflow models serve` runs `uvicorn`) come from this venv,
+    # activated or not, as `make test` runs it.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PREFECT_API_URL", None)
     env.update(
         PREFECT_HOME=str(home),
