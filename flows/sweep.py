@@ -20,8 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from flows.config import PipelineConfig
-from flows.config import _describe as describe_error
+from flows.config import PipelineConfig, describe_error
 from flows.errors import ConfigError
 from flows.pipeline import dpo_pipeline
 from tasks import sweep_report
