@@ -82,13 +82,25 @@ def summary_table(summary: dict) -> Table:
     table.add_column("status")
     table.add_column("seconds", justify="right")
     for name, stage in summary["stages"].items():
-        table.add_row(name, stage["status"], f"{stage['seconds']:.1f}")
+        table.add_row(name, stage_status(stage), f"{stage['seconds']:.1f}")
     return table
+
+
+def stage_status(stage: dict) -> str:
+    """ "completed", "cached", or how far an interrupted attempt had got."""
+    if stage.get("resumed_from_step"):
+        return f"{stage['status']} (resumed from step {stage['resumed_from_step']})"
+    if stage.get("resumed_judged_prompts"):
+        return f"{stage['status']} (resumed: {stage['resumed_judged_prompts']} prompts judged)"
+    return stage["status"]
 
 
 def print_summary(summary: dict) -> None:
     out = Console()
     out.print(summary_table(summary))
+    if "stopped_after" in summary:
+        out.print(f"stopped after {summary['stopped_after']}; run without --until to go on.")
+        return
     low, high = summary["win_rate_ci"]
     reg = summary["registered_model"]
     out.print(
@@ -110,11 +122,12 @@ def write_summary(path: Path | None, summary: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(cfg: PipelineConfig, workdir: Path) -> dict:
+def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -> dict:
     quiet_libraries()
-    from flows.pipeline import dpo_pipeline
+    from flows.pipeline import check_stage_name, dpo_pipeline
 
-    return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir))
+    check_stage_name(until)  # before Prefect starts
+    return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir), until=until)
 
 
 @app.command()
@@ -123,12 +136,20 @@ def run(
     workdir: WorkdirOpt = Path(".dpoflow"),
     set_: SetOpt = None,
     summary_json: SummaryOpt = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="Stop after this stage (validate, sft, reference, dpo, evaluate, register); "
+            "the same command without it goes on from there.",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline: validate, SFT, reference log-probs, DPO, evaluate, register,
     promote."""
     try:
         cfg = load_config(config, set_ or [])
-        summary = run_pipeline(cfg, workdir)
+        summary = run_pipeline(cfg, workdir, until)
     except UserError as exc:
         fail(str(exc))
     except Exception as exc:  # a bug or a crash: say so plainly, keep what finished

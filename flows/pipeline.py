@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig
-from flows.errors import hide_user_error_tracebacks
+from flows.errors import ConfigError, hide_user_error_tracebacks
 from tasks import evaluate as evaluate_stage
 from tasks import promote as promote_stage
 from tasks import register as register_stage
@@ -28,11 +28,28 @@ from tasks.stage import MANIFEST, code_version, stage_key
 hide_user_error_tracebacks()  # a bad config or bad data is reported in one sentence
 
 
-class StageRunner:
-    """Calls stage tasks, times them, and records whether each ran or came from the cache."""
+STAGES = ("validate", "sft", "reference", "dpo", "evaluate", "register", "promote")
 
-    def __init__(self, workdir: Path):
+
+def check_stage_name(until: str | None) -> None:
+    if until is not None and until not in STAGES:
+        raise ConfigError(
+            f"unknown stage {until!r} for --until: choose one of {', '.join(STAGES)}."
+        )
+
+
+class StoppedAfter(Exception):
+    """Raised by the runner after the stage the user asked to stop at (`--until`)."""
+
+
+class StageRunner:
+    """Calls stage tasks, times them, and records whether each ran or came from the cache.
+
+    With `until`, it stops the flow (raises `StoppedAfter`) once that stage is done."""
+
+    def __init__(self, workdir: Path, until: str | None = None):
         self.workdir = workdir
+        self.until = until
         self.stages: dict[str, dict[str, Any]] = {}
 
     def __call__(self, name: str, task, **params) -> dict[str, Any]:
@@ -54,8 +71,11 @@ class StageRunner:
             "status": "cached" if cached else "completed",
             "seconds": round(time.perf_counter() - started, 3),
         }
-        if "resumed_from_step" in manifest:
-            self.stages[name]["resumed_from_step"] = 0 if cached else manifest["resumed_from_step"]
+        for resumed in (k for k in manifest if k.startswith("resumed_")):
+            # How much of the work an earlier, interrupted attempt had done.
+            self.stages[name][resumed] = 0 if cached else manifest[resumed]
+        if name == self.until:
+            raise StoppedAfter(name)
         return manifest
 
 
@@ -69,15 +89,29 @@ RUN_ONLY = {"master_port", "timeout_seconds"}
 
 @flow(name="dpo-pipeline", log_prints=True)
 def dpo_pipeline(
-    config: dict[str, Any], workdir: str = ".dpoflow", parent_run_id: str | None = None
+    config: dict[str, Any],
+    workdir: str = ".dpoflow",
+    parent_run_id: str | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
     """validate -> sft -> reference -> dpo -> evaluate -> register -> promote; returns the
-    run's summary."""
+    run's summary. `until` names the last stage to run (the later ones run next time)."""
+    check_stage_name(until)
     cfg = PipelineConfig.model_validate(config)
-    logger = get_run_logger()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    run = StageRunner(work)
+    run = StageRunner(work, until)
+    try:
+        return _run_stages(cfg, run, work, parent_run_id)
+    except StoppedAfter:
+        get_run_logger().info("stopped after %s as asked; run without --until to go on", until)
+        return {"stages": run.stages, "stopped_after": until}
+
+
+def _run_stages(
+    cfg: PipelineConfig, run: StageRunner, work: Path, parent_run_id: str | None
+) -> dict[str, Any]:
+    logger = get_run_logger()
 
     # Resolve the inputs: the embedded default is made here on first use.
     model_path = resolve_model(cfg.model.base, work)

@@ -8,8 +8,11 @@ small), and how far the policy has moved from the reference (sampled KL).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -127,6 +130,31 @@ def estimate_kl(
     the standard error is NaN for a single sample. Answers are re-tokenized from
     text, so the estimate is exact only where decoding then encoding round-trips.
     """
+    terms = kl_terms(
+        policy,
+        reference,
+        tokenizer,
+        prompts,
+        answers,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+    )
+    return _mean_and_stderr(torch.tensor(terms, dtype=torch.float64))
+
+
+def kl_terms(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    *,
+    max_length: int = 256,
+    max_prompt_length: int = 128,
+    batch_size: int = 32,
+) -> list[float]:
+    """Per sample, log pi(y|x) - log pi_ref(y|x): the terms `estimate_kl` averages."""
     if len(prompts) != len(answers):
         raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
     if not prompts:
@@ -138,13 +166,13 @@ def estimate_kl(
         for prompt, answer in zip(prompts, answers, strict=True)
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    differences: list[torch.Tensor] = []
+    differences: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
         policy_logps = _answer_logps(policy, batch)
         reference_logps = _answer_logps(reference, batch)
-        differences.append(policy_logps - reference_logps)
-    return _mean_and_stderr(torch.cat(differences))
+        differences += (policy_logps - reference_logps).tolist()
+    return differences
 
 
 def _answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -201,6 +229,7 @@ def evaluate_policy(
     seed: int = 0,
     temperatures: list[float] | None = None,
     chosen: list[str | None] | None = None,
+    progress: JudgedLog | None = None,
 ) -> dict:
     """Sample from policy and reference under identical settings, judge both, and
     report the win rate (Wilson 95% interval), mean judge rewards and the sampled KL.
@@ -216,30 +245,64 @@ def evaluate_policy(
     there is the mean log-ratio under that temperature's samples, a KL proper only
     at 1. `chosen` (the dataset's chosen answer per prompt, None where missing) adds
     the policy's win rate against those answers under `vs_chosen`.
+
+    Prompts go through in chunks of `batch_size`, each generated, judged and recorded
+    in `progress` before the next: an evaluation killed half-way and run again with
+    the same log judges only the chunks it had not finished, with the same answers
+    (each chunk's samples depend on its index only).
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
+    log = progress if progress is not None else JudgedLog(None)
     policy, tokenizer = load_causal_lm(policy_dir)
     reference, reference_tokenizer = load_causal_lm(reference_dir)
 
-    def at(temp: float) -> tuple[dict, list[dict], list[str]]:
+    def judge_chunk(temp: float, index: int, start: int) -> dict:
+        rows = slice(start, start + batch_size)
+        chunk = prompts[rows]
         sampling = {
             "max_new_tokens": max_new_tokens,
             "temperature": temp,
             "top_p": top_p,
             "batch_size": batch_size,
-            "seed": seed,
+            "first_batch": index,
         }
-        policy_answers = generate(policy, tokenizer, prompts, **sampling)
+        policy_answers = generate(policy, tokenizer, chunk, seed=seed, **sampling)
         reference_answers = generate(
-            reference, reference_tokenizer, prompts, **(sampling | {"seed": seed + 1})
+            reference, reference_tokenizer, chunk, seed=seed + 1, **sampling
         )
-        comparison = judge_answers(judge, prompts, policy_answers, reference_answers)
-        kl = estimate_kl(policy, reference, tokenizer, prompts, policy_answers)
-        samples = _samples(prompts, policy_answers, reference_answers, comparison)
-        return _figures(comparison, kl), samples, policy_answers
+        comparison = judge_answers(judge, chunk, policy_answers, reference_answers)
+        record = {
+            "policy_answers": policy_answers,
+            "reference_answers": reference_answers,
+            "verdicts": comparison.verdicts,
+            "policy_scores": comparison.policy_scores,
+            "other_scores": comparison.other_scores,
+            "kl_terms": kl_terms(policy, reference, tokenizer, chunk, policy_answers),
+        }
+        if chosen is not None and temp == temperature:
+            record["vs_chosen"] = _verdicts_against_chosen(
+                judge, chunk, policy_answers, chosen[rows]
+            )
+        return record
 
-    figures, samples, policy_answers = at(temperature)
+    def at(temp: float) -> tuple[dict, list[dict], list[dict]]:
+        name = temperature_key(temp)
+        records = []
+        for index, start in enumerate(range(0, len(prompts), batch_size)):
+            record = log.get(name, index)
+            if record is None:
+                record = log.add(name, index, judge_chunk(temp, index, start))
+            records.append(record)
+        merged = _merge(records)
+        comparison = Judged(merged["verdicts"], merged["policy_scores"], merged["other_scores"])
+        kl = _mean_and_stderr(torch.tensor(merged["kl_terms"], dtype=torch.float64))
+        samples = _samples(
+            prompts, merged["policy_answers"], merged["reference_answers"], comparison
+        )
+        return _figures(comparison, kl), samples, records
+
+    figures, samples, records = at(temperature)
     result = {**figures, "samples": samples}
     if temperatures:
         result["by_temperature"] = {
@@ -247,8 +310,57 @@ def evaluate_policy(
             for t in dict.fromkeys(temperatures)
         }
     if chosen is not None:
-        result["vs_chosen"] = _versus_chosen(judge, prompts, policy_answers, chosen)
+        against_chosen = [v for r in records for v in r["vs_chosen"] if v is not None]
+        result["vs_chosen"] = _win_rate_figures(against_chosen) if against_chosen else None
     return result
+
+
+class JudgedLog:
+    """The judged chunks of an evaluation, one JSON line each, so a killed one resumes.
+
+    A line is appended (and flushed to disk) once its chunk is generated and judged. A
+    last line cut short by a kill is dropped on loading, and that chunk is judged again.
+    With `path=None` nothing is kept: the log only hands records back.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.records: dict[tuple[str, int], dict] = {}
+        self.resumed_prompts = 0  # prompts judged before this log was opened
+        if path is None or not path.exists():
+            return
+        text = path.read_text(encoding="utf-8")
+        complete = text[: text.rfind("\n") + 1]  # drop a line cut short by a kill
+        if complete != text:
+            path.write_text(complete, encoding="utf-8")
+        for line in complete.splitlines():
+            record = json.loads(line)
+            self.records[(record["temperature"], record["chunk"])] = record
+            self.resumed_prompts += len(record["verdicts"])
+
+    def get(self, temperature: str, chunk: int) -> dict | None:
+        return self.records.get((temperature, chunk))
+
+    def add(self, temperature: str, chunk: int, record: dict) -> dict:
+        record = {"temperature": temperature, "chunk": chunk, **record}
+        self.records[(temperature, chunk)] = record
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return record
+
+
+def _merge(records: list[dict]) -> dict:
+    """Chunk records joined into one list per field (scores stay None for pairwise judges)."""
+    merged: dict = {}
+    for key in ("policy_answers", "reference_answers", "verdicts", "kl_terms"):
+        merged[key] = [item for r in records for item in r[key]]
+    for key in ("policy_scores", "other_scores"):
+        parts = [r[key] for r in records]
+        merged[key] = None if any(p is None for p in parts) else [x for p in parts for x in p]
+    return merged
 
 
 def temperature_key(temperature: float) -> str:
@@ -257,15 +369,8 @@ def temperature_key(temperature: float) -> str:
 
 
 def _figures(comparison: Judged, kl: tuple[float, float]) -> dict:
-    result = win_rate_from_verdicts(comparison.verdicts)
     return {
-        "win_rate": result.rate,
-        "win_rate_ci": [result.low, result.high],
-        "wins": result.wins,
-        "ties": result.ties,
-        "losses": result.losses,
-        "n": result.n,
-        "unparseable": result.unparseable,
+        **_win_rate_figures(comparison.verdicts),
         "reward_policy": _mean(comparison.policy_scores),
         "reward_reference": _mean(comparison.other_scores),
         "kl": kl[0],
@@ -298,26 +403,35 @@ def _samples(
     ]
 
 
-def _versus_chosen(
+def _verdicts_against_chosen(
     judge: Judge | PairwiseJudge,
     prompts: list[str],
     policy_answers: list[str],
     chosen: list[str | None],
-) -> dict | None:
-    """Win rate of the policy against the dataset's chosen answers, where there are any."""
-    rows = [
-        (prompt, answer, best)
-        for prompt, answer, best in zip(prompts, policy_answers, chosen, strict=True)
-        if best is not None
-    ]
-    if not rows:
-        return None
-    subset_prompts, subset_answers, subset_chosen = (list(col) for col in zip(*rows, strict=True))
-    comparison = judge_answers(judge, subset_prompts, subset_answers, subset_chosen)
-    result = win_rate_from_verdicts(comparison.verdicts)
+) -> list[Verdict | None]:
+    """The policy's verdict against the dataset's chosen answer, None where there is none."""
+    rows = [i for i, best in enumerate(chosen) if best is not None]
+    verdicts: list[Verdict | None] = [None] * len(prompts)
+    if rows:
+        judged = judge_answers(
+            judge,
+            [prompts[i] for i in rows],
+            [policy_answers[i] for i in rows],
+            [chosen[i] for i in rows],
+        )
+        for i, v in zip(rows, judged.verdicts, strict=True):
+            verdicts[i] = v
+    return verdicts
+
+
+def _win_rate_figures(verdicts: list[Verdict]) -> dict:
+    result = win_rate_from_verdicts(verdicts)
     return {
         "win_rate": result.rate,
         "win_rate_ci": [result.low, result.high],
+        "wins": result.wins,
+        "ties": result.ties,
+        "losses": result.losses,
         "n": result.n,
         "unparseable": result.unparseable,
     }

@@ -76,6 +76,7 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
+    first_batch: int = 0,
 ) -> list[str]:
     """Sample one answer per prompt and return only the answer text.
 
@@ -84,6 +85,8 @@ def generate(
     until eos. Each batch reseeds from `(seed, batch index)`, so a batch's
     samples do not depend on how many batches ran before it; the caller's
     global RNG state is left as it was. `temperature=0` means greedy decoding.
+    `first_batch` numbers the batches from there: generating a list in pieces of
+    `batch_size` prompts, piece k with `first_batch=k`, gives the same answers as one call.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -99,7 +102,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            seed=seed * _SEED_STRIDE + index,
+            seed=seed * _SEED_STRIDE + first_batch + index,
         )
         answers.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids)
     return answers

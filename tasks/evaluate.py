@@ -12,6 +12,7 @@ from tasks.common import build_once, stage_task
 from tasks.stage import write_json_atomic
 from tasks.tracking import client, tracking_uri
 
+JUDGED_LOG = "judged.jsonl"
 EVAL_METRICS = ("win_rate", "reward_policy", "reward_reference", "kl", "kl_stderr", "unparseable")
 
 
@@ -71,7 +72,7 @@ def evaluate(
     data_manifest: dict,
     inputs: dict,
 ) -> dict:
-    from models.evaluation import evaluate_policy, markdown_report
+    from models.evaluation import JudgedLog, evaluate_policy, markdown_report
     from models.judges import make_judge
 
     logger = get_run_logger()
@@ -84,6 +85,12 @@ def evaluate(
         # The dataset's chosen answers, when the eval prompt file carries them.
         chosen = [row.get("chosen") for row in rows] if any("chosen" in r for r in rows) else None
         logger.info("evaluating on %d held-out prompts, judge %s", len(prompts), section["judge"])
+        # Judged chunks so far: kept in the partial folder across retries and re-runs.
+        progress = JudgedLog(partial / JUDGED_LOG)
+        if progress.resumed_prompts:
+            logger.info(
+                "resuming the evaluation: %d prompt(s) already judged", progress.resumed_prompts
+            )
         result = evaluate_policy(
             str(Path(dpo_manifest["path"]) / dpo_manifest["model"]),
             str(Path(sft_manifest["path"]) / sft_manifest["model"]),
@@ -96,6 +103,7 @@ def evaluate(
             seed=section["seed"],
             temperatures=section.get("temperatures"),
             chosen=chosen,
+            progress=progress,
         )
         report = markdown_report(result, title=f"Win rate of {dpo_manifest['stage']} policy")
         (partial / "report.md").write_text(report)
@@ -104,6 +112,7 @@ def evaluate(
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
         figures = {k: v for k, v in result.items() if k != "samples"}
         write_json_atomic(partial / "result.json", figures)
+        (partial / JUDGED_LOG).unlink()  # samples.jsonl holds what it held, in order
         log_evaluation(
             tracking_uri(mlflow_cfg["tracking_uri"], workdir),
             dpo_manifest["mlflow_run_id"],
@@ -131,6 +140,12 @@ def evaluate(
             result["reward_policy"],
             result["reward_reference"],
         )
-        return {"config": section, "inputs": inputs, "judge": section["judge"], **figures}
+        return {
+            "config": section,
+            "inputs": inputs,
+            "judge": section["judge"],
+            "resumed_judged_prompts": progress.resumed_prompts,
+            **figures,
+        }
 
     return build_once("evaluate", key, workdir, build)

@@ -11,7 +11,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from flows.errors import ModelError
-from models.evaluation import estimate_kl, evaluate_policy, markdown_report, win_rate
+from models.evaluation import (
+    JudgedLog,
+    estimate_kl,
+    evaluate_policy,
+    markdown_report,
+    win_rate,
+)
 from models.generation import generate, load_causal_lm
 
 SENTENCES = [
@@ -195,3 +201,47 @@ def test_evaluate_policy_against_itself_draws_independent_samples(tmp_path):
     assert result["ties"] < result["n"]
     assert result["win_rate_ci"][0] <= 0.5 <= result["win_rate_ci"][1]
     assert abs(result["kl"]) < 1e-6
+
+
+class CountingJudge(LengthJudge):
+    """LengthJudge that counts the answers it scores."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, prompts, answers):
+        self.scored += len(answers)
+        return super().score(prompts, answers)
+
+
+def test_a_killed_evaluation_resumes_from_the_chunks_already_judged(tmp_path):
+    policy_dir = str(save_tiny_model(tmp_path / "policy", seed=1))
+    reference_dir = str(save_tiny_model(tmp_path / "reference", seed=0))
+    prompts = PROMPTS * 2  # 10 prompts: 5 chunks of 2
+    settings = dict(
+        max_new_tokens=6,
+        seed=3,
+        batch_size=2,
+        temperatures=[1.0, 0.7],
+        chosen=["a fine movie"] * 10,
+    )
+    whole = evaluate_policy(policy_dir, reference_dir, prompts, LengthJudge(), **settings)
+
+    path = tmp_path / "judged.jsonl"
+    evaluate_policy(
+        policy_dir, reference_dir, prompts, LengthJudge(), **settings, progress=JudgedLog(path)
+    )
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == 10  # 5 chunks at each of 2 temperatures
+    # As if killed while writing the fourth line: three whole lines and a cut one.
+    path.write_text("".join(lines[:3]) + lines[3][:25])
+
+    log = JudgedLog(path)
+    assert log.resumed_prompts == 6
+    judge = CountingJudge()
+    resumed = evaluate_policy(policy_dir, reference_dir, prompts, judge, **settings, progress=log)
+    # Only the 7 unfinished chunks were judged: 2 prompts x (policy + reference answer)
+    # each, and the 2 of them at the main temperature also x (policy + chosen answer).
+    assert judge.scored == 7 * 2 * 2 + 2 * 2 * 2
+    assert resumed == whole
+    assert len(path.read_text().splitlines()) == 10 and path.read_text().endswith("\n")
