@@ -117,10 +117,7 @@ def estimate_kl(
     tokenizer,
     prompts: list[str],
     answers: list[str],
-    *,
-    max_length: int = 256,
-    max_prompt_length: int = 128,
-    batch_size: int = 32,
+    **batching: int,
 ) -> tuple[float, float]:
     """Monte-Carlo KL(policy || reference) from answers the POLICY sampled.
 
@@ -129,17 +126,9 @@ def estimate_kl(
     the sequence-level KL when y ~ pi. Returns (mean, standard error of the mean);
     the standard error is NaN for a single sample. Answers are re-tokenized from
     text, so the estimate is exact only where decoding then encoding round-trips.
+    `batching` (max_length, max_prompt_length, batch_size) goes to `kl_terms`.
     """
-    terms = kl_terms(
-        policy,
-        reference,
-        tokenizer,
-        prompts,
-        answers,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        batch_size=batch_size,
-    )
+    terms = kl_terms(policy, reference, tokenizer, prompts, answers, **batching)
     return _mean_and_stderr(torch.tensor(terms, dtype=torch.float64))
 
 

@@ -120,6 +120,11 @@ def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
         c.log_batch(run_id, params=fresh[i : i + 100])
 
 
+def last_logged_step(uri: str, run_id: str, metric: str = "loss") -> int:
+    """The highest step of `metric` the run holds (0 for none): where logging goes on from."""
+    return max((m.step for m in client(uri).get_metric_history(run_id, metric)), default=0)
+
+
 def log_metric_rows(uri: str, run_id: str, rows: list[dict], prefix: str = "") -> None:
     """Log training-metric rows ({"step": n, name: value, ...}) as MLflow metrics."""
     import time

@@ -20,6 +20,7 @@ from tasks.launcher import run_training
 from tasks.tracking import (
     client,
     flatten,
+    last_logged_step,
     log_metric_rows,
     log_params,
     server_errors,
@@ -68,6 +69,17 @@ def train_in_child(
         for artifact_path, local in (artifacts or {}).items():
             if local.is_dir():
                 client(uri).log_artifacts(run_id, str(local), artifact_path)
+        # Steps an interrupted attempt logged stay; a resumed job replays metrics.jsonl
+        # from its checkpoint, and those steps must not go into the run twice.
+        logged_up_to = last_logged_step(uri, run_id)
+
+    def on_metrics(rows: list[dict]) -> None:
+        nonlocal logged_up_to
+        new = [row for row in rows if row["step"] > logged_up_to]
+        if new:
+            log_metric_rows(uri, run_id, new)
+            logged_up_to = new[-1]["step"]
+
     job = {
         "kind": kind,
         "train": section,
@@ -83,7 +95,7 @@ def train_in_child(
         job,
         partial,
         log=logger.info,
-        on_metrics=lambda rows: log_metric_rows(uri, run_id, rows),
+        on_metrics=on_metrics,
         timeout_seconds=distributed.get("timeout_seconds"),
     )
     # The finished model is the output; checkpoints were only resume points.

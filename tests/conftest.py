@@ -67,10 +67,13 @@ def run_cli(args: list[str], env: dict[str, str], timeout: int = 600):
     )
 
 
-def run_pipeline(workdir: Path, env: dict[str, str], *extra: str, name: str = "summary"):
+def run_pipeline(
+    workdir: Path, env: dict[str, str], *extra: str, name: str = "summary", until: str = ""
+):
     """`dpoflow run` on the small config; returns (process, summary or None)."""
     summary = workdir / f"{name}.json"
     args = ["run", "--workdir", str(workdir), "--summary-json", str(summary)]
+    args += ["--until", until] if until else []
     for item in [*SMALL, *extra]:
         args += ["--set", item]
     proc = run_cli(args, env)

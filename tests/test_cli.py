@@ -50,3 +50,10 @@ def test_unknown_config_key_is_refused_before_anything_runs(cli_env, tmp_path):
     assert proc.returncode == 1
     assert "unknown config key 'dpo.betta'" in proc.stderr
     assert not (tmp_path / "stages").exists()
+
+
+def test_an_unknown_until_stage_is_refused_before_anything_runs(cli_env, tmp_path):
+    proc = run_cli(["run", "--workdir", str(tmp_path), "--until", "trian"], cli_env)
+    assert proc.returncode == 1
+    assert "unknown stage 'trian' for --until: choose one of validate, sft," in proc.stderr
+    assert not (tmp_path / "stages").exists()
