@@ -24,6 +24,7 @@ from rich.table import Table
 from benchmarks.cli import bench_app
 from flows.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from flows.errors import UserError
+from tasks.sources import check_model_source
 
 app = typer.Typer(
     help="Align a language model to preferences with DPO: validate, SFT, DPO, evaluate, register.",
@@ -126,7 +127,8 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -
     quiet_libraries()
     from flows.pipeline import check_stage_name, dpo_pipeline
 
-    check_stage_name(until)  # before Prefect starts
+    check_stage_name(until)  # mistakes a user can fix are refused before Prefect starts
+    check_model_source(cfg.model.base)
     return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir), until=until)
 
 
@@ -260,6 +262,7 @@ def sweep(
         beta_list = parse_list(betas, "--betas", float)
         loss_list = parse_list(loss_types, "--loss-types") if loss_types else None
         child_configs(cfg, beta_list, loss_list or [cfg.dpo.loss_type])  # refuse before running
+        check_model_source(cfg.model.base)
         quiet_libraries()
         from flows.sweep import beta_sweep
 

@@ -68,8 +68,18 @@ def resolve_data(source: str, workdir: str | Path, *, eval_prompts: bool = False
 
 
 def resolve_model(source: str, workdir: str | Path) -> str:
+    """The embedded model (made on first use), a local folder's absolute path, or a hub name."""
     if source == EMBEDDED_MODEL:
         return str(ensure_embedded_model(workdir))
+    path = check_model_source(source)
+    return str(path.resolve()) if path else source
+
+
+def check_model_source(source: str) -> Path | None:
+    """Refuse a model source that cannot work, before anything runs; return its local folder
+    (None for the embedded model or a hub name, which are resolved later)."""
+    if source == EMBEDDED_MODEL:
+        return None
     if source.startswith("embedded:"):
         raise ConfigError(
             f"unknown embedded model '{source}': the one shipped is {EMBEDDED_MODEL}."
@@ -81,13 +91,13 @@ def resolve_model(source: str, workdir: str | Path) -> str:
                 f"model folder '{source}' has no config.json: point model.base at a folder "
                 "saved with save_pretrained, or at a hub name."
             )
-        return str(path.resolve())
+        return path
     if source.startswith((".", "/", "~")) or not HUB_NAME.match(source):
         raise ModelError(
             f"model '{source}' does not exist: set model.base to an existing local folder "
             "or a hub name like 'gpt2'."
         )
-    return source
+    return None
 
 
 def fingerprint(resolved: str, revision: str | None = None) -> str:

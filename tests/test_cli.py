@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 
 HH = Path(__file__).parent / "data" / "hh_sample.jsonl"
@@ -45,15 +47,29 @@ def test_missing_data_file_is_one_sentence(cli_env, tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_unknown_config_key_is_refused_before_anything_runs(cli_env, tmp_path):
-    proc = run_cli(["run", "--workdir", str(tmp_path), "--set", "dpo.betta=0.1"], cli_env)
-    assert proc.returncode == 1
-    assert "unknown config key 'dpo.betta'" in proc.stderr
-    assert not (tmp_path / "stages").exists()
-
-
 def test_an_unknown_until_stage_is_refused_before_anything_runs(cli_env, tmp_path):
     proc = run_cli(["run", "--workdir", str(tmp_path), "--until", "trian"], cli_env)
     assert proc.returncode == 1
     assert "unknown stage 'trian' for --until: choose one of validate, sft," in proc.stderr
     assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dpo.betta=0.1", "unknown config key 'dpo.betta'"),
+        ("dpo.max_steps=abc", "config key 'dpo.max_steps' is invalid: Input should be a valid int"),
+        ("dpo.beta=0", "config key 'dpo.beta' is invalid: Input should be greater than 0"),
+        ("dpo.beta=-0.1", "config key 'dpo.beta' is invalid: Input should be greater than 0"),
+        ("sft.learning_rate=0", "'sft.learning_rate' is invalid: Input should be greater than 0"),
+        ("dpo.max_length=16", "max_prompt_length (16) must be below max_length (16)"),
+        ("model.base=/no/such/model", "model '/no/such/model' does not exist: set model.base"),
+        ("distributed.zero_stage=5", "'distributed.zero_stage' is invalid: Input should be 0, 1"),
+    ],
+)
+def test_a_bad_config_is_one_sentence_before_anything_runs(cli_env, tmp_path, override, message):
+    proc = run_cli(["run", "--workdir", str(tmp_path / "work"), "--set", override], cli_env)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr  # one sentence
+    assert not (tmp_path / "work").exists()  # nothing ran: not even the work directory

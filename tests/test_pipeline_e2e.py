@@ -116,13 +116,6 @@ def test_empty_chosen_fails_validation_before_training(tmp_path, cli_env):
     assert not list(workdir.rglob("MLmodel"))  # nothing logged or registered
 
 
-def test_bad_override_names_the_key(tmp_path, cli_env):
-    proc = run_cli(["run", "--workdir", str(tmp_path), "--set", "dpo.beta=-1"], cli_env)
-    assert proc.returncode == 1
-    assert "dpo.beta" in proc.stderr
-    assert not (tmp_path / "stages").exists()
-
-
 def test_models_lists_versions_and_promote_names_unknown_versions(first_run, cli_env):
     workdir, summary = first_run
     proc = run_cli(["models", "--workdir", str(workdir)], cli_env)
