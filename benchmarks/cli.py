@@ -20,6 +20,9 @@ MaxPrompt = Annotated[int, typer.Option("--max-prompt-length")]
 Peer = Annotated[str | None, typer.Option("--peer", help="'trl' to run TRL's trainer too.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
 Threads = Annotated[int, typer.Option("--threads", help="torch threads per side.")]
+Repeats = Annotated[int, typer.Option(
+    "--repeats", help="Run both sides this many times in turn; report each side's fastest run "
+    "(and the highest peak memory of its runs).")]
 
 
 def _spec(kind: str, model: Path, data: Path, steps: int, warmup: int, batch_size: int,
@@ -33,7 +36,7 @@ def _spec(kind: str, model: Path, data: Path, steps: int, warmup: int, batch_siz
 @bench_app.command()
 def dpo(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 16,
         max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
-        json_out: JsonOut = None, threads: Threads = 2,
+        json_out: JsonOut = None, threads: Threads = 2, repeats: Repeats = 1,
         beta: Annotated[float, typer.Option("--beta")] = 0.1,
         loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid") -> None:
     """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
@@ -41,16 +44,16 @@ def dpo(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_s
 
     spec = _spec("dpo", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
                  threads, beta=beta, loss_type=loss_type)
-    run_bench(spec, peer, json_out)
+    run_bench(spec, peer, json_out, repeats=repeats)
 
 
 @bench_app.command()
 def sft(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 32,
         max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
-        json_out: JsonOut = None, threads: Threads = 2) -> None:
+        json_out: JsonOut = None, threads: Threads = 2, repeats: Repeats = 1) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
     from benchmarks.dpo_bench import run_bench
 
     spec = _spec("sft", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
                  threads)
-    run_bench(spec, peer, json_out)
+    run_bench(spec, peer, json_out, repeats=repeats)

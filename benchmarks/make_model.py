@@ -24,7 +24,7 @@ from models.tiny_llama import _train_tokenizer
 PRESETS: dict[str, dict[str, int]] = {
     # 4.2 M non-embedding + 8.2 M tied embedding (32000 x 256): 12.4 M in all
     "4m": dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4),
-    # about 30 M in all: 16.4 M tied embedding (32000 x 512), 12.6 M in 4 layers
+    # 33.2 M in all: 16.4 M tied embedding (32000 x 512), 16.8 M in 4 layers (4.2 M each)
     "30m": dict(vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8),
 }
 

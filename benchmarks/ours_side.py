@@ -4,8 +4,11 @@
 the deepspeed launcher runs (DeepSpeed engine, objective, optimizer, metrics), minus the
 launcher's process start. Step times come from the loop's own metrics (its cumulative
 throughput gives the elapsed time at each step), so nothing is added to the loop to time it.
-For DPO the timed window includes computing the reference log-probs (models/reference.py),
-prorated to the timed steps' share of the pairs, as TRL's time includes its reference passes.
+For DPO the reference log-probs were computed before, in their own process, as the pipeline's
+`reference` stage does (benchmarks/ours_reference.py); this process reads the stored file
+(spec["reference_logps_path"]). benchmarks/dpo_bench.py adds that stage's forward passes'
+time, prorated to the timed steps' share of the pairs, as TRL's time includes its reference
+passes.
 
     python -m benchmarks.ours_side SPEC.json OUT.json
 """
@@ -15,15 +18,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 from benchmarks.bench_common import Spec, child_main, timed_window
 from flows.config import DPOConfig, SFTConfig
 from models import trainer
-from models.reference import compute_reference_logps
 
 
 def train_section(spec: Spec) -> dict:
@@ -67,16 +66,9 @@ def run(spec: Spec) -> dict:
     os.environ.setdefault("MASTER_PORT", str(spec.get("port", 29533)))
     section = train_section(spec)
     work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
-    reference_seconds, reference_path = 0.0, None
-    if spec["kind"] == "dpo":
-        t0 = time.perf_counter()
-        stored = compute_reference_logps(
-            spec["model"], spec["data"], max_length=spec["max_length"],
-            max_prompt_length=spec["max_prompt_length"],
-        )
-        reference_seconds = time.perf_counter() - t0
-        reference_path = str(work / "reference_logps.pt")
-        torch.save(stored, reference_path)
+    reference_path = spec.get("reference_logps_path") if spec["kind"] == "dpo" else None
+    if spec["kind"] == "dpo" and not reference_path:
+        raise ValueError("DPO needs spec['reference_logps_path'] (see benchmarks.ours_reference)")
     job = {
         "kind": spec["kind"],
         "train": section,
@@ -92,12 +84,8 @@ def run(spec: Spec) -> dict:
     rows = [json.loads(line) for line in Path(job["metrics_path"]).read_text().splitlines()]
     rate = "pairs_per_s" if spec["kind"] == "dpo" else "sequences_per_s"
     step_times = [r["step"] * spec["batch_size"] / r[rate] for r in rows]
-    total_steps = section["max_steps"]
-    seconds = timed_window(step_times, spec["warmup"])
-    seconds += reference_seconds * spec["steps"] / total_steps  # the timed steps' share
     return {
-        "seconds": seconds,
-        "reference_seconds_all_pairs": reference_seconds,
+        "seconds": timed_window(step_times, spec["warmup"]),  # training only
         "examples": spec["steps"] * spec["batch_size"],
         "tokens": real_tokens(spec, section),
         "losses": [r["loss"] for r in rows],

@@ -38,6 +38,8 @@ def compute_reference_logps(
     limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
 
     ids, chosen, rejected = [], [], []
+    if progress:
+        progress(0, len(pairs))  # loaded: the forward passes start
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         tokenized = []

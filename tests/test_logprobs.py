@@ -194,15 +194,6 @@ def test_padding_does_not_change_logps(model, tokenizer):
 
 def test_full_logits_fallback_agrees(model, tokenizer):
     """A model without a separable body/head goes through the full-logits path."""
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **kwargs):
-            return self.inner(**kwargs)
-
     batch = collate(_examples(tokenizer), PAD)
     with torch.no_grad():
         direct = sequence_logps(model, batch)["logps"]
@@ -216,3 +207,35 @@ def test_gradients_flow_through_logps(model, tokenizer):
     out["logps"].sum().backward()
     assert trainable.lm_head.weight.grad is not None
     assert trainable.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+class Wrapped(torch.nn.Module):
+    """A model without a separable body/head: sequence_logps takes its full-logits path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("path", ["answer positions", "full logits"])
+def test_gradients_match_plain_autograd_in_float64(model, tokenizer, path):
+    """The hand-written backward of the answer-token log-probs against autograd's own, through
+    log_softmax + gather, on the same float64 model: every parameter's gradient agrees."""
+    batch = collate(_examples(tokenizer), PAD)
+    ours, plain = copy.deepcopy(model).double(), copy.deepcopy(model).double()
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # any upstream gradient
+    run = ours if path == "answer positions" else Wrapped(ours)
+    (sequence_logps(run, batch, chunk_size=2)["logps"] * weights).sum().backward()
+
+    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])
+    per_row = (token_logps[..., 0] * batch["loss_mask"][:, 1:]).sum(dim=1)  # [N]
+    (per_row * weights).sum().backward()
+
+    for (name, p_ours), p_plain in zip(ours.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p_ours.grad, p_plain.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert ours.lm_head.weight.grad.abs().sum() > 0
+
