@@ -105,6 +105,10 @@ def test_sigkill_of_the_whole_run_mid_dpo_then_the_same_command_resumes(tmp_path
     )
     assert sorted(m.step for m in history) == list(range(1, 41))  # in MLflow too
     assert len(versions_of(sqlite_uri(tmp_path), summary)) == 1  # no duplicate registration
+    print(
+        f"\nkilled mid-DPO: re-run resumed DPO from step {stages['dpo']['resumed_from_step']}, "
+        f"MLflow holds {len(history)} loss points for 40 steps, 1 model version"
+    )
 
 
 def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cli_env):
@@ -126,6 +130,10 @@ def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cl
     assert metric_steps(tmp_path, "sft") == list(range(1, 61))
     assert len(finished(tmp_path, "sft")) == 1
     assert len(versions_of(sqlite_uri(tmp_path), summary)) == 1
+    print(
+        f"\nSFT process killed: the run retried SFT from step "
+        f"{summary['stages']['sft']['resumed_from_step']} and exited 0, 1 model version"
+    )
 
 
 def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples(tmp_path, cli_env):
@@ -158,6 +166,10 @@ def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples
     )
     assert [m.value for m in history] == [summary["win_rate"]]
     assert len(versions_of(sqlite_uri(tmp_path), summary)) == 1
+    print(
+        f"\nkilled mid-evaluation: re-run took {stages['evaluate']['resumed_judged_prompts']} "
+        f"judged prompts from the log, judged the rest of 2 x 96, win rate {summary['win_rate']}"
+    )
 
 
 def test_two_runs_at_once_on_one_workdir_both_end_correctly(tmp_path, cli_env):
@@ -180,6 +192,13 @@ def test_two_runs_at_once_on_one_workdir_both_end_correctly(tmp_path, cli_env):
     assert a["win_rate"] == b["win_rate"]
     assert len(versions_of(sqlite_uri(tmp_path), a)) == 1
     assert not list((tmp_path / "stages").glob("*/*.partial"))  # nothing left half-built
+    print(
+        "\ntwo runs at once: "
+        + ", ".join(
+            f"{stage} {a['stages'][stage]['status']}/{b['stages'][stage]['status']}"
+            for stage in a["stages"]
+        )
+    )
 
 
 class MlflowServer:
@@ -244,6 +263,10 @@ def test_a_judge_endpoint_answering_500_is_retried_then_named(trained):
     assert "Traceback" not in done.stderr
     assert elapsed >= sum(RETRY_DELAYS[:2])  # the stage was retried, with backoff
     assert asked >= 3 * 2  # three attempts, each asking at least once and retrying once
+    print(
+        f"\njudge answering 500: exit 1 after {elapsed:.0f} s and {asked} requests: "
+        + done.stderr.strip().splitlines()[-1]
+    )
     assert len(finished(workdir, "dpo")) == 1 and not finished(workdir, "evaluate")
 
 
@@ -256,8 +279,10 @@ def test_mlflow_down_at_registration_keeps_the_model_and_a_later_run_registers_i
     server.stop()
     started = time.monotonic()
     down, _ = run_pipeline(workdir, env, *extra)
+    elapsed = time.monotonic() - started
     assert down.returncode == 1
-    assert time.monotonic() - started >= sum(RETRY_DELAYS[:2])  # retried, with backoff
+    assert elapsed >= sum(RETRY_DELAYS[:2])  # retried, with backoff
+    print(f"\nMLflow down: exit 1 after {elapsed:.0f} s: " + down.stderr.strip().splitlines()[-1])
     message = down.stderr
     assert f"MLflow at {server.url} could not be reached while registering the policy" in message
     assert "registers it without training again" in message
