@@ -112,7 +112,6 @@ def evaluate(
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
         figures = {k: v for k, v in result.items() if k != "samples"}
         write_json_atomic(partial / "result.json", figures)
-        (partial / JUDGED_LOG).unlink()  # samples.jsonl holds what it held, in order
         log_evaluation(
             tracking_uri(mlflow_cfg["tracking_uri"], workdir),
             dpo_manifest["mlflow_run_id"],
@@ -140,6 +139,9 @@ def evaluate(
             result["reward_policy"],
             result["reward_reference"],
         )
+        # Kept until now so a retry after a failed MLflow log judges nothing again;
+        # samples.jsonl holds what it held, in order.
+        (partial / JUDGED_LOG).unlink()
         return {
             "config": section,
             "inputs": inputs,

@@ -49,7 +49,7 @@ def server_errors(uri: str, doing: str, keep_note: str = "") -> Iterator[None]:
         text = str(exc)
         if "connect" not in text.lower() and "max retries" not in text.lower():
             raise
-        reason = text.splitlines()[0][:160]
+        reason = "no answer to its API requests"  # MLflow's own message is a long URL dump
     else:
         return
     raise ServerError(
