@@ -12,6 +12,11 @@ from typing import Any
 Spec = dict[str, Any]  # kind, model, data, steps, warmup, batch_size, max_length, ...
 
 
+def rate_name(kind: str) -> str:
+    """The throughput figure of a kind of run: DPO counts pairs, SFT sequences."""
+    return "pairs_per_s" if kind == "dpo" else "sequences_per_s"
+
+
 def setup_threads(spec: Spec) -> None:
     import torch
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_common import rate_name
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -105,7 +107,7 @@ def figures(side: dict, spec: dict, params: int, ceiling: float) -> dict[str, An
     reference = 2 * params * tokens if spec["kind"] == "dpo" else 0
     flops = 6 * params * tokens + reference
     out = {
-        "pairs_per_s" if spec["kind"] == "dpo" else "sequences_per_s": side["examples"] / seconds,
+        rate_name(spec["kind"]): side["examples"] / seconds,
         "tokens_per_s": tokens / seconds,
         "peak_rss_mb": side["peak_rss_mb"],
         "matmul_fraction": flops / seconds / (ceiling * 1e9),
@@ -153,11 +155,11 @@ def run_bench(spec: dict, peer: str | None, json_path: Path | None, log=print,
         "settings": {k: v for k, v in spec.items() if k != "data"} | {"repeats": repeats},
         "params": params,
         "matmul_ceiling_gflops": ceiling,
-        "ours": runs[0]["ours"] if repeats == 1 else best_run(runs, "ours"),
+        "ours": best_run(runs, "ours"),
     }
     if peer == "trl":
-        report["trl"] = runs[0]["trl"] if repeats == 1 else best_run(runs, "trl")
-        rate = "pairs_per_s" if spec["kind"] == "dpo" else "sequences_per_s"
+        report["trl"] = best_run(runs, "trl")
+        rate = rate_name(spec["kind"])
         report["ratio"] = {
             k: report["ours"][k] / report["trl"][k]
             for k in (rate, "tokens_per_s", "peak_rss_mb", "matmul_fraction")
@@ -195,7 +197,7 @@ def format_report(report: dict) -> str:
             before, after = report[side]["loadavg"]
             lines.append(f"{side}: {report[side]['seconds']:.2f} s timed; 1-min load average "
                          f"{before:.2f} before, {after:.2f} after")
-    rate = "pairs_per_s" if s["kind"] == "dpo" else "sequences_per_s"
+    rate = rate_name(s["kind"])
     for i, run in enumerate(runs, 1):
         cells = [
             f"{side} {run[side][rate]:.3f} {rate}, {run[side]['peak_rss_mb']:.1f} MB, load "

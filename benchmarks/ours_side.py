@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_common import Spec, child_main, timed_window
+from benchmarks.bench_common import Spec, child_main, rate_name, timed_window
 from flows.config import DPOConfig, SFTConfig
 from models import trainer
 
@@ -82,7 +82,7 @@ def run(spec: Spec) -> dict:
     }
     trainer.train(job)
     rows = [json.loads(line) for line in Path(job["metrics_path"]).read_text().splitlines()]
-    rate = "pairs_per_s" if spec["kind"] == "dpo" else "sequences_per_s"
+    rate = rate_name(spec["kind"])
     step_times = [r["step"] * spec["batch_size"] / r[rate] for r in rows]
     return {
         "seconds": timed_window(step_times, spec["warmup"]),  # training only

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.bench_common import rate_name  # noqa: E402
+
 
 def bars(ax, labels: list[str], ours: list[float], peer: list[float], ylabel: str) -> None:
     x = range(len(labels))
@@ -37,7 +39,7 @@ def main() -> None:
         report = json.loads(path.read_text())
         if "trl" not in report:
             continue  # a run without --peer trl has nothing to compare
-        rate = "pairs_per_s" if report["settings"]["kind"] == "dpo" else "sequences_per_s"
+        rate = rate_name(report["settings"]["kind"])
         labels.append(f"{path.stem}\n({rate.replace('_per_s', '')}/s)")
         cases.append(path.stem)
         ours.append(report["ours"][rate])

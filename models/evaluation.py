@@ -129,7 +129,7 @@ def estimate_kl(
     `batching` (max_length, max_prompt_length, batch_size) goes to `kl_terms`.
     """
     terms = kl_terms(policy, reference, tokenizer, prompts, answers, **batching)
-    return _mean_and_stderr(torch.tensor(terms, dtype=torch.float64))
+    return _mean_and_stderr(terms)
 
 
 def kl_terms(
@@ -172,7 +172,8 @@ def _answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
         return sequence_logps(model, on_device)["logps"].double().cpu()
 
 
-def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+def _mean_and_stderr(terms: list[float]) -> tuple[float, float]:
+    values = torch.tensor(terms, dtype=torch.float64)
     n = values.numel()
     mean = values.mean().item()
     stderr = (values.std(correction=1) / math.sqrt(n)).item() if n > 1 else float("nan")
@@ -285,7 +286,7 @@ def evaluate_policy(
             records.append(record)
         merged = _merge(records)
         comparison = Judged(merged["verdicts"], merged["policy_scores"], merged["other_scores"])
-        kl = _mean_and_stderr(torch.tensor(merged["kl_terms"], dtype=torch.float64))
+        kl = _mean_and_stderr(merged["kl_terms"])
         samples = _samples(
             prompts, merged["policy_answers"], merged["reference_answers"], comparison
         )
