@@ -10,8 +10,10 @@ import typer
 bench_app = typer.Typer(help="Benchmark our SFT/DPO training against TRL's trainers.",
                         no_args_is_help=True)
 
-Model = Annotated[Path, typer.Option("--model", help="Hugging Face model folder.")]
-Data = Annotated[Path, typer.Option("--data", help="JSONL of prompt/chosen/rejected.")]
+Model = Annotated[Path, typer.Option("--model", help="Hugging Face model folder.", exists=True,
+                                     file_okay=False)]
+Data = Annotated[Path, typer.Option("--data", help="JSONL of prompt/chosen/rejected.",
+                                    exists=True, dir_okay=False)]
 Steps = Annotated[int, typer.Option("--steps", help="Timed steps (after the warm-up).")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed steps first.")]
 Batch = Annotated[int, typer.Option("--batch-size", help="Pairs (DPO) or sequences per step.")]
@@ -21,8 +23,19 @@ Peer = Annotated[str | None, typer.Option("--peer", help="'trl' to run TRL's tra
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
 Threads = Annotated[int, typer.Option("--threads", help="torch threads per side.")]
 Repeats = Annotated[int, typer.Option(
-    "--repeats", help="Run both sides this many times in turn; report each side's fastest run "
-    "(and the highest peak memory of its runs).")]
+    "--repeats", min=1, help="Run both sides this many times in turn; report each side's "
+    "fastest run (and the highest peak memory of its runs).")]
+
+
+def _run(spec: dict, peer: str | None, json_out: Path | None, repeats: int) -> None:
+    """Run the bench; a mistake the user can fix (too few pairs) is one sentence, exit 1."""
+    from benchmarks.dpo_bench import run_bench
+
+    try:
+        run_bench(spec, peer, json_out, repeats=repeats)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _spec(kind: str, model: Path, data: Path, steps: int, warmup: int, batch_size: int,
@@ -40,11 +53,9 @@ def dpo(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_s
         beta: Annotated[float, typer.Option("--beta")] = 0.1,
         loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid") -> None:
     """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
-    from benchmarks.dpo_bench import run_bench
-
     spec = _spec("dpo", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
                  threads, beta=beta, loss_type=loss_type)
-    run_bench(spec, peer, json_out, repeats=repeats)
+    _run(spec, peer, json_out, repeats)
 
 
 @bench_app.command()
@@ -52,8 +63,6 @@ def sft(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_s
         max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
         json_out: JsonOut = None, threads: Threads = 2, repeats: Repeats = 1) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
-    from benchmarks.dpo_bench import run_bench
-
     spec = _spec("sft", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
                  threads)
-    run_bench(spec, peer, json_out, repeats=repeats)
+    _run(spec, peer, json_out, repeats)

@@ -57,7 +57,10 @@ def parameter_count(model_dir: str) -> int:
 def write_subset(data: Path, n_pairs: int, out: Path) -> Path:
     lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n_pairs:
-        raise ValueError(f"{data} has {len(lines)} pairs; the run needs {n_pairs}.")
+        raise ValueError(
+            f"{data} has {len(lines)} pairs but (--warmup + --steps) x --batch-size needs "
+            f"{n_pairs}: give more pairs or fewer steps."
+        )
     out.write_text("\n".join(lines[:n_pairs]) + "\n", encoding="utf-8")
     return out
 

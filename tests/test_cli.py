@@ -73,3 +73,11 @@ def test_a_bad_config_is_one_sentence_before_anything_runs(cli_env, tmp_path, ov
     assert message in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr  # one sentence
     assert not (tmp_path / "work").exists()  # nothing ran: not even the work directory
+
+
+def test_bench_mistakes_are_one_sentence(cli_env, tmp_path):
+    proc = run_cli(["bench", "dpo", "--model", str(tmp_path / "none"), "--data", str(HH)], cli_env)
+    assert proc.returncode == 2 and "'--model'" in proc.stderr and "does not exist" in proc.stderr
+    proc = run_cli(["bench", "dpo", "--model", str(tmp_path), "--data", str(HH)], cli_env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has 20 pairs but (--warmup + --steps) x --batch-size needs 368" in proc.stderr
