@@ -28,6 +28,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory held by this process's tensors (torch's allocator), if it used a GPU."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def timed_window(step_times: list[float], warmup: int) -> float:
     """Seconds from the end of the last warm-up step to the end of the last step.
 
@@ -42,4 +51,6 @@ def child_main(run) -> None:
     setup_threads(spec)
     result = run(spec)
     result["peak_rss_mb"] = peak_rss_mb()
+    if spec.get("device") == "cuda":
+        result["peak_gpu_mb"] = peak_gpu_mb()
     Path(sys.argv[2]).write_text(json.dumps(result, indent=2))

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-bench_app = typer.Typer(help="Benchmark our SFT/DPO training against TRL's trainers.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmark our SFT/DPO training against TRL's trainers.", no_args_is_help=True
+)
 
-Model = Annotated[Path, typer.Option("--model", help="Hugging Face model folder.", exists=True,
-                                     file_okay=False)]
-Data = Annotated[Path, typer.Option("--data", help="JSONL of prompt/chosen/rejected.",
-                                    exists=True, dir_okay=False)]
+Model = Annotated[
+    Path, typer.Option("--model", help="Hugging Face model folder.", exists=True, file_okay=False)
+]
+Data = Annotated[
+    Path,
+    typer.Option("--data", help="JSONL of prompt/chosen/rejected.", exists=True, dir_okay=False),
+]
 Steps = Annotated[int, typer.Option("--steps", help="Timed steps (after the warm-up).")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed steps first.")]
 Batch = Annotated[int, typer.Option("--batch-size", help="Pairs (DPO) or sequences per step.")]
@@ -22,9 +27,33 @@ MaxPrompt = Annotated[int, typer.Option("--max-prompt-length")]
 Peer = Annotated[str | None, typer.Option("--peer", help="'trl' to run TRL's trainer too.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
 Threads = Annotated[int, typer.Option("--threads", help="torch threads per side.")]
-Repeats = Annotated[int, typer.Option(
-    "--repeats", min=1, help="Run both sides this many times in turn; report each side's "
-    "fastest run (and the highest peak memory of its runs).")]
+
+
+class Where(StrEnum):
+    """Where both sides of the bench train."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+Device = Annotated[
+    Where,
+    typer.Option(
+        "--device",
+        help="Where both sides train: cpu (fp32) or cuda (bf16); auto picks cuda "
+        "when there is a GPU.",
+    ),
+]
+Repeats = Annotated[
+    int,
+    typer.Option(
+        "--repeats",
+        min=1,
+        help="Run both sides this many times in turn; report each side's "
+        "fastest run (and the highest peak memory of its runs).",
+    ),
+]
 
 
 def _run(spec: dict, peer: str | None, json_out: Path | None, repeats: int) -> None:
@@ -38,31 +67,106 @@ def _run(spec: dict, peer: str | None, json_out: Path | None, repeats: int) -> N
         raise typer.Exit(1) from None
 
 
-def _spec(kind: str, model: Path, data: Path, steps: int, warmup: int, batch_size: int,
-          max_length: int, max_prompt_length: int, threads: int, **extra) -> dict:
-    return dict(kind=kind, model=str(model), data=str(data), steps=steps, warmup=warmup,
-                batch_size=batch_size, max_length=max_length,
-                max_prompt_length=max_prompt_length, threads=threads,
-                learning_rate=5e-4, **extra)
+def _spec(
+    kind: str,
+    model: Path,
+    data: Path,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_length: int,
+    max_prompt_length: int,
+    threads: int,
+    where: Where,
+    **extra,
+) -> dict:
+    device = where.value
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dict(
+        kind=kind,
+        model=str(model),
+        data=str(data),
+        steps=steps,
+        warmup=warmup,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        threads=threads,
+        device=device,
+        precision="bf16" if device == "cuda" else "fp32",
+        learning_rate=5e-4,
+        **extra,
+    )
 
 
 @bench_app.command()
-def dpo(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 16,
-        max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
-        json_out: JsonOut = None, threads: Threads = 2, repeats: Repeats = 1,
-        beta: Annotated[float, typer.Option("--beta")] = 0.1,
-        loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid") -> None:
+def dpo(
+    model: Model,
+    data: Data,
+    steps: Steps = 20,
+    warmup: Warmup = 3,
+    batch_size: Batch = 16,
+    max_length: MaxLen = 128,
+    max_prompt_length: MaxPrompt = 64,
+    peer: Peer = None,
+    json_out: JsonOut = None,
+    threads: Threads = 2,
+    repeats: Repeats = 1,
+    device: Device = Where.auto,
+    beta: Annotated[float, typer.Option("--beta")] = 0.1,
+    loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid",
+) -> None:
     """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
-    spec = _spec("dpo", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
-                 threads, beta=beta, loss_type=loss_type)
+    spec = _spec(
+        "dpo",
+        model,
+        data,
+        steps,
+        warmup,
+        batch_size,
+        max_length,
+        max_prompt_length,
+        threads,
+        device,
+        beta=beta,
+        loss_type=loss_type,
+    )
     _run(spec, peer, json_out, repeats)
 
 
 @bench_app.command()
-def sft(model: Model, data: Data, steps: Steps = 20, warmup: Warmup = 3, batch_size: Batch = 32,
-        max_length: MaxLen = 128, max_prompt_length: MaxPrompt = 64, peer: Peer = None,
-        json_out: JsonOut = None, threads: Threads = 2, repeats: Repeats = 1) -> None:
+def sft(
+    model: Model,
+    data: Data,
+    steps: Steps = 20,
+    warmup: Warmup = 3,
+    batch_size: Batch = 32,
+    max_length: MaxLen = 128,
+    max_prompt_length: MaxPrompt = 64,
+    peer: Peer = None,
+    json_out: JsonOut = None,
+    threads: Threads = 2,
+    repeats: Repeats = 1,
+    device: Device = Where.auto,
+) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
-    spec = _spec("sft", model, data, steps, warmup, batch_size, max_length, max_prompt_length,
-                 threads)
+    spec = _spec(
+        "sft",
+        model,
+        data,
+        steps,
+        warmup,
+        batch_size,
+        max_length,
+        max_prompt_length,
+        threads,
+        device,
+    )
     _run(spec, peer, json_out, repeats)
+
+
+if __name__ == "__main__":  # `python -m benchmarks.cli dpo ...`, where `dpoflow` is not installed
+    bench_app()

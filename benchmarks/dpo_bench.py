@@ -31,17 +31,22 @@ from benchmarks.bench_common import rate_name
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_ceiling_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of a square torch.mm loop on this machine, with `threads` threads."""
+def matmul_ceiling_gflops(threads: int, device: str = "cpu", seconds: float = 2.0) -> float:
+    """Best GFLOP/s of a square torch.mm loop on this machine: fp32 with `threads` threads on
+    the CPU, bf16 on a GPU (the precision each side trains in there)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    cuda = device == "cuda"
+    size, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)  # warm-up
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
         best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -69,8 +74,10 @@ def run_side(module: str, spec: dict, work: Path, log) -> dict:
     """Run `python -m benchmarks.<module>` on the spec; return its figures."""
     spec_path, out_path = work / f"{module}.spec.json", work / f"{module}.out.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(spec["threads"]), DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(spec["threads"]),
+               DS_ACCELERATOR=spec.get("device", "cpu"))
     load_before = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", str(spec_path), str(out_path)],
@@ -100,7 +107,10 @@ def run_ours(spec: dict, work: Path, log) -> dict:
         "training_seconds": side["seconds"],
     }
     side["seconds"] += share
-    side["peak_rss_mb"] = max(reference["peak_rss_mb"], side["peak_rss_mb"])
+    for peak in ("peak_rss_mb", "peak_gpu_mb"):
+        if peak in side:
+            side["processes"][f"reference_{peak}"] = reference[peak]
+            side[peak] = max(reference[peak], side[peak])
     side["loadavg"] = [reference["loadavg"][0], side["loadavg"][1]]
     return side
 
@@ -113,6 +123,7 @@ def figures(side: dict, spec: dict, params: int, ceiling: float) -> dict[str, An
         rate_name(spec["kind"]): side["examples"] / seconds,
         "tokens_per_s": tokens / seconds,
         "peak_rss_mb": side["peak_rss_mb"],
+        **({"peak_gpu_mb": side["peak_gpu_mb"]} if "peak_gpu_mb" in side else {}),
         "matmul_fraction": flops / seconds / (ceiling * 1e9),
         "seconds": seconds,
         "losses": side["losses"][: spec["warmup"] + 5],
@@ -126,7 +137,8 @@ def figures(side: dict, spec: dict, params: int, ceiling: float) -> dict[str, An
 def best_run(runs: list[dict], side: str) -> dict:
     """A side's figures over repeated runs: the fastest run's, with the highest peak memory."""
     fastest = min(runs, key=lambda run: run[side]["seconds"])
-    best = dict(fastest[side], peak_rss_mb=max(run[side]["peak_rss_mb"] for run in runs),
+    peaks = [k for k in ("peak_rss_mb", "peak_gpu_mb") if k in fastest[side]]
+    best = dict(fastest[side], **{k: max(run[side][k] for run in runs) for k in peaks},
                 fastest_run=runs.index(fastest) + 1)
     if "processes" in best:  # our two processes' peaks, also the highest of the runs
         best["processes"] = dict(best["processes"], **{
@@ -146,7 +158,7 @@ def run_bench(spec: dict, peer: str | None, json_path: Path | None, log=print,
     n_pairs = (spec["warmup"] + spec["steps"]) * spec["batch_size"]
     work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
     spec = dict(spec, data=str(write_subset(Path(spec["data"]), n_pairs, work / "data.jsonl")))
-    ceiling = matmul_ceiling_gflops(spec["threads"])
+    ceiling = matmul_ceiling_gflops(spec["threads"], spec.get("device", "cpu"))
     params = parameter_count(spec["model"])
     runs: list[dict[str, Any]] = []
     for _ in range(repeats):
@@ -165,7 +177,8 @@ def run_bench(spec: dict, peer: str | None, json_path: Path | None, log=print,
         rate = rate_name(spec["kind"])
         report["ratio"] = {
             k: report["ours"][k] / report["trl"][k]
-            for k in (rate, "tokens_per_s", "peak_rss_mb", "matmul_fraction")
+            for k in (rate, "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "matmul_fraction")
+            if k in report["ours"]
         }
     if repeats > 1:
         report["runs"] = runs
@@ -181,8 +194,10 @@ def format_report(report: dict) -> str:
     lines = [
         f"{s['kind']} bench: model {s['model']} ({report['params'] / 1e6:.1f} M params), "
         f"batch {s['batch_size']}, max_length {s['max_length']}, {s['steps']} timed steps "
-        f"after {s['warmup']} warm-up, {s['threads']} threads",
-        f"fp32 matmul ceiling: {report['matmul_ceiling_gflops']:.1f} GFLOP/s",
+        f"after {s['warmup']} warm-up, {s['threads']} threads, "
+        f"{s.get('device', 'cpu')} {s.get('precision', 'fp32')}",
+        f"{'bf16' if s.get('device') == 'cuda' else 'fp32'} matmul ceiling: "
+        f"{report['matmul_ceiling_gflops']:.1f} GFLOP/s",
     ]
     runs = report.get("runs", [])
     if runs:

@@ -52,7 +52,9 @@ def main() -> None:
     data = ensure_embedded_data(work) / "train.jsonl"
     model = work / "llama-100m"
     build_model(model, ensure_embedded_model(work))
-    ref = compute_reference_logps(str(model), data, max_length=128, max_prompt_length=32)
+    ref = compute_reference_logps(
+        str(model), data, max_length=128, max_prompt_length=32, precision="bf16"
+    )
     torch.save(ref, work / "ref.pt")
     job = {
         "kind": "dpo",

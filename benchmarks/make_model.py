@@ -26,6 +26,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "4m": dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4),
     # 33.2 M in all: 16.4 M tied embedding (32000 x 512), 16.8 M in 4 layers (4.2 M each)
     "30m": dict(vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8),
+    # 137.8 M in all, for a GPU: 24.6 M tied embedding (32000 x 768), 113.2 M in 12 layers
+    "140m": dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12),
 }
 
 

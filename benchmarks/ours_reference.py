@@ -28,6 +28,7 @@ def run(spec: Spec) -> dict:
     stored = compute_reference_logps(
         spec["model"], spec["data"], max_length=spec["max_length"],
         max_prompt_length=spec["max_prompt_length"],
+        precision=spec.get("precision", "fp32"),
         progress=lambda done, total: marks.append(time.perf_counter()),
     )
     torch.save(stored, spec["reference_logps_path"])

@@ -2,8 +2,9 @@
 settings, timed by a callback at the end of each optimizer step.
 
 The peer runs as TRL ships it for this setting: the reference model's forward passes run at
-each step (``precompute_ref_log_probs=False``, its default), fp32 on CPU (``bf16=False``:
-TRL would otherwise autocast to bf16), right padding.
+each step (``precompute_ref_log_probs=False``, its default), right padding, in the spec's
+precision: fp32 on CPU (``bf16=False``: TRL would otherwise autocast to bf16), bf16 autocast
+on a GPU.
 
     python -m benchmarks.trl_peer SPEC.json OUT.json
 """
@@ -50,10 +51,10 @@ def common_args(spec: Spec, out_dir: str) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         # TRL's configs turn bf16 on by default, even on CPU, and then run the reference
-        # model under bf16 autocast: we compare fp32 with fp32.
-        bf16=False,
+        # model under bf16 autocast: we compare fp32 with fp32 (on a GPU, bf16 with bf16).
+        bf16=spec.get("precision", "fp32") == "bf16",
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,

@@ -166,6 +166,7 @@ def _run_stages(
             "max_length": cfg.dpo.max_length,
             "max_prompt_length": cfg.dpo.max_prompt_length,
             "batch_size": 64,
+            "precision": cfg.distributed.precision,  # the weights the policy starts from
         }
         ref_inputs = {"data": data["data_sha256"], "sft": sft["sha256"]}
         reference = run(

@@ -14,6 +14,8 @@ import torch
 
 from models.logprobs import pair_batch, sequence_logps, split_pair_logps, tokenize_example
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @torch.inference_mode()
 def compute_reference_logps(
@@ -23,16 +25,25 @@ def compute_reference_logps(
     max_length: int,
     max_prompt_length: int,
     batch_size: int = 64,
+    precision: str = "fp32",
+    device: str | None = None,
     progress=None,
 ) -> dict:
-    """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair."""
+    """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair.
+
+    ``precision`` is the training's (fp32, bf16 or fp16): the reference runs with the weights
+    the policy starts from, so the policy's log-ratio is zero before its first step. ``device``
+    defaults to the GPU when there is one.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
+    model = model.to(device).eval()
     with open(pairs_path, encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
@@ -47,8 +58,9 @@ def compute_reference_logps(
             prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
             _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
             tokenized.append((prompt_ids, chosen_ids, rejected_ids))
-        logps = sequence_logps(model, pair_batch(tokenized, pad_id))["logps"]  # [2B]
-        c, r = split_pair_logps(logps)  # [B], [B]
+        batch = {k: v.to(device) for k, v in pair_batch(tokenized, pad_id).items()}
+        logps = sequence_logps(model, batch)["logps"]  # [2B]
+        c, r = split_pair_logps(logps.cpu())  # [B], [B]
         ids += [p["id"] for p in chunk]
         chosen.append(c.float())
         rejected.append(r.float())

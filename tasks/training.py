@@ -168,6 +168,7 @@ def reference(
             Path(data_manifest["path"]) / "pairs.jsonl",
             max_length=section["max_length"],
             max_prompt_length=section["max_prompt_length"],
+            precision=section.get("precision", "fp32"),
             progress=progress,
         )
         torch.save(stored, partial / "reference_logps.pt")
