@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -174,3 +175,30 @@ def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
         )
     time.sleep(0.5)
     assert processes_mentioning(str(tmp_path / "job.json")) == []  # no orphan worker
+
+
+def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded, tmp_path):
+    """The reference stage runs in the training's precision: a bf16 policy's first-step
+    log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap."""
+    from models.reference import compute_reference_logps
+
+    ref = compute_reference_logps(
+        embedded["model"], embedded["data"], max_length=64, max_prompt_length=16,
+        precision="bf16",
+    )
+    fp32 = torch.load(embedded["ref"])
+    assert ref["chosen"].dtype == torch.float32 and ref["ids"] == fp32["ids"]
+    assert 0 < (ref["chosen"] - fp32["chosen"]).abs().max() < 2.0  # bf16 rounding, not noise
+    torch.save(ref, tmp_path / "ref_bf16.pt")
+
+    def first_step(reference: str, out: Path) -> dict:
+        job = make_job(embedded, out, max_steps=1, learning_rate=1e-6)
+        job["distributed"]["precision"] = "bf16"
+        job["reference_logps_path"] = reference
+        return train(job, out)[1][0]
+
+    matched = first_step(str(tmp_path / "ref_bf16.pt"), tmp_path / "bf16")
+    mixed = first_step(embedded["ref"], tmp_path / "mixed")
+    assert matched["rewards/chosen"] == 0.0 and matched["rewards/rejected"] == 0.0
+    assert matched["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(mixed["rewards/chosen"]) > 1e-4  # a bf16 policy against an fp32 reference
