@@ -19,6 +19,7 @@ demo: setup              ## the whole pipeline on the embedded default
 
 test: setup              ## lint, then the test suite
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: setup

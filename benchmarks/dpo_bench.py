@@ -74,14 +74,20 @@ def run_side(module: str, spec: dict, work: Path, log) -> dict:
     """Run `python -m benchmarks.<module>` on the spec; return its figures."""
     spec_path, out_path = work / f"{module}.spec.json", work / f"{module}.out.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                   filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(spec["threads"]),
-               DS_ACCELERATOR=spec.get("device", "cpu"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(spec["threads"]),
+        DS_ACCELERATOR=spec.get("device", "cpu"),
+    )
     load_before = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", str(spec_path), str(out_path)],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -138,36 +144,48 @@ def best_run(runs: list[dict], side: str) -> dict:
     """A side's figures over repeated runs: the fastest run's, with the highest peak memory."""
     fastest = min(runs, key=lambda run: run[side]["seconds"])
     peaks = [k for k in ("peak_rss_mb", "peak_gpu_mb") if k in fastest[side]]
-    best = dict(fastest[side], **{k: max(run[side][k] for run in runs) for k in peaks},
-                fastest_run=runs.index(fastest) + 1)
+    best = dict(
+        fastest[side],
+        **{k: max(run[side][k] for run in runs) for k in peaks},
+        fastest_run=runs.index(fastest) + 1,
+    )
     if "processes" in best:  # our two processes' peaks, also the highest of the runs
-        best["processes"] = dict(best["processes"], **{
-            k: max(run[side]["processes"][k] for run in runs)
-            for k in ("reference_peak_rss_mb", "training_peak_rss_mb")
-        })
+        best["processes"] = dict(
+            best["processes"],
+            **{
+                k: max(run[side]["processes"][k] for run in runs)
+                for k in ("reference_peak_rss_mb", "training_peak_rss_mb")
+            },
+        )
     return best
 
 
-def run_bench(spec: dict, peer: str | None, json_path: Path | None, log=print,
-              repeats: int = 1) -> dict:
+def run_bench(
+    spec: dict, peer: str | None, json_path: Path | None, log=print, repeats: int = 1
+) -> dict:
     """Run our side and (with peer='trl') TRL's, `repeats` times in turn; print and return the
     report. With repeats > 1 each side's time is its fastest run (the least disturbed by other
     work on a shared machine) and its peak memory the highest of its runs; every run is kept."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     n_pairs = (spec["warmup"] + spec["steps"]) * spec["batch_size"]
-    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
-    spec = dict(spec, data=str(write_subset(Path(spec["data"]), n_pairs, work / "data.jsonl")))
-    ceiling = matmul_ceiling_gflops(spec["threads"], spec.get("device", "cpu"))
-    params = parameter_count(spec["model"])
     runs: list[dict[str, Any]] = []
-    for _ in range(repeats):
-        run = {"ours": figures(run_ours(spec, work, log), spec, params, ceiling)}
-        if peer == "trl":
-            run["trl"] = figures(run_side("trl_peer", spec, work, log), spec, params, ceiling)
-        runs.append(run)
+    # Everything the sides write (the data subset, reference log-probs, checkpoints and
+    # models) goes to one scratch folder, deleted at the end, also when a side fails.
+    with tempfile.TemporaryDirectory(prefix="dpoflow-bench-") as scratch:
+        work = Path(scratch)
+        data = write_subset(Path(spec["data"]), n_pairs, work / "data.jsonl")
+        spec = dict(spec, data=str(data), scratch=scratch)
+        ceiling = matmul_ceiling_gflops(spec["threads"], spec.get("device", "cpu"))
+        params = parameter_count(spec["model"])
+        for _ in range(repeats):
+            run = {"ours": figures(run_ours(spec, work, log), spec, params, ceiling)}
+            if peer == "trl":
+                run["trl"] = figures(run_side("trl_peer", spec, work, log), spec, params, ceiling)
+            runs.append(run)
     report: dict[str, Any] = {
-        "settings": {k: v for k, v in spec.items() if k != "data"} | {"repeats": repeats},
+        "settings": {k: v for k, v in spec.items() if k not in ("data", "scratch")}
+        | {"repeats": repeats},
         "params": params,
         "matmul_ceiling_gflops": ceiling,
         "ours": best_run(runs, "ours"),
@@ -201,8 +219,10 @@ def format_report(report: dict) -> str:
     ]
     runs = report.get("runs", [])
     if runs:
-        lines.append(f"{len(runs)} runs, each side in turn; below: each side's fastest run, and "
-                     f"the highest peak memory of its runs")
+        lines.append(
+            f"{len(runs)} runs, each side in turn; below: each side's fastest run, and "
+            f"the highest peak memory of its runs"
+        )
     sides = [k for k in ("ours", "trl", "ratio") if k in report]
     skip = ("losses", "seconds", "processes", "loadavg", "fastest_run")
     keys = [k for k in report["ours"] if k not in skip]
@@ -213,14 +233,17 @@ def format_report(report: dict) -> str:
     for side in ("ours", "trl"):
         if side in report:
             before, after = report[side]["loadavg"]
-            lines.append(f"{side}: {report[side]['seconds']:.2f} s timed; 1-min load average "
-                         f"{before:.2f} before, {after:.2f} after")
+            lines.append(
+                f"{side}: {report[side]['seconds']:.2f} s timed; 1-min load average "
+                f"{before:.2f} before, {after:.2f} after"
+            )
     rate = rate_name(s["kind"])
     for i, run in enumerate(runs, 1):
         cells = [
             f"{side} {run[side][rate]:.3f} {rate}, {run[side]['peak_rss_mb']:.1f} MB, load "
             f"{run[side]['loadavg'][0]:.2f}->{run[side]['loadavg'][1]:.2f}"
-            for side in ("ours", "trl") if side in run
+            for side in ("ours", "trl")
+            if side in run
         ]
         lines.append(f"run {i}: " + "; ".join(cells))
     p = report["ours"].get("processes")

@@ -26,7 +26,9 @@ def run(spec: Spec) -> dict:
     marks: list[float] = []  # when each progress call came: loaded, then after each batch
     t0 = time.perf_counter()
     stored = compute_reference_logps(
-        spec["model"], spec["data"], max_length=spec["max_length"],
+        spec["model"],
+        spec["data"],
+        max_length=spec["max_length"],
         max_prompt_length=spec["max_prompt_length"],
         precision=spec.get("precision", "fp32"),
         progress=lambda done, total: marks.append(time.perf_counter()),

@@ -52,12 +52,16 @@ def real_tokens(spec: Spec, section: dict) -> int:
         examples = [(p, a) for p, a in trainer.sft_examples(pairs, tokenizer, section)]
         per = [len(p) + len(a) for p, a in examples]
     else:
-        per = [2 * len(p) + len(c) + len(r) for p, c, r, _ in trainer.dpo_examples(
-            pairs, tokenizer, section)]
+        per = [
+            2 * len(p) + len(c) + len(r)
+            for p, c, r, _ in trainer.dpo_examples(pairs, tokenizer, section)
+        ]
     total = 0
     for step in range(spec["warmup"], section["max_steps"]):
-        total += sum(per[i] for i in trainer.batch_indices(
-            len(per), step, section["batch_size"], section["seed"]))
+        total += sum(
+            per[i]
+            for i in trainer.batch_indices(len(per), step, section["batch_size"], section["seed"])
+        )
     return total
 
 
@@ -65,7 +69,7 @@ def run(spec: Spec) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(spec.get("port", 29533)))
     section = train_section(spec)
-    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="ours-", dir=spec.get("scratch")))
     reference_path = spec.get("reference_logps_path") if spec["kind"] == "dpo" else None
     if spec["kind"] == "dpo" and not reference_path:
         raise ValueError("DPO needs spec['reference_logps_path'] (see benchmarks.ours_reference)")

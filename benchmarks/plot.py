@@ -1,6 +1,6 @@
 """Plot the bench reports: throughput and peak memory, ours vs TRL, per case.
 
-    python -m benchmarks.plot docs/bench/dpo-4m.json docs/bench/dpo-30m.json ... --out PNG
+python -m benchmarks.plot docs/bench/dpo-4m.json docs/bench/dpo-30m.json ... --out PNG
 """
 
 from __future__ import annotations

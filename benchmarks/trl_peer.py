@@ -77,8 +77,7 @@ def trainer_for(spec: Spec, out_dir: str):
         )
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(beta=spec["beta"], loss_type=[spec["loss_type"]],
-                     **common_args(spec, out_dir))
+    args = DPOConfig(beta=spec["beta"], loss_type=[spec["loss_type"]], **common_args(spec, out_dir))
     return DPOTrainer(
         model=spec["model"], args=args, train_dataset=data, processing_class=tokenizer
     )
@@ -97,7 +96,7 @@ def real_tokens(trainer, spec: Spec) -> int:
 
 def run(spec: Spec) -> dict:
     clock = StepClock()
-    trainer = trainer_for(spec, tempfile.mkdtemp(prefix="dpoflow-trl-"))
+    trainer = trainer_for(spec, tempfile.mkdtemp(prefix="trl-", dir=spec.get("scratch")))
     trainer.add_callback(clock)
     trainer.train()
     return {

@@ -70,9 +70,8 @@ def preference_loss(
         clean, flipped = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)  # [B], [B]
         losses = (-(1 - eps) * clean + eps * flipped) / (1 - 2 * eps)
     else:  # "ipo" and "sigmoid_norm" use per-token (length-averaged) log-ratios, as TRL does.
-        h_norm = (
-            chosen_logratios / _lengths(chosen_lengths)
-            - rejected_logratios / _lengths(rejected_lengths)
+        h_norm = chosen_logratios / _lengths(chosen_lengths) - rejected_logratios / _lengths(
+            rejected_lengths
         )  # [B]
         if loss_type == "ipo":
             # IPO eq. 17, beta plays the role of tau.

@@ -29,8 +29,14 @@ def models(tmp_path_factory):
     tokenizer = _train_tokenizer(texts * 4, 300)
     paths = {}
     for name, seed in (("policy", 0), ("reference", 1)):
-        model = _build_model(tokenizer, seed=seed, hidden_size=32, num_layers=2, num_heads=2,
-                             max_position_embeddings=64)
+        model = _build_model(
+            tokenizer,
+            seed=seed,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            max_position_embeddings=64,
+        )
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         paths[name] = root / name
@@ -63,26 +69,48 @@ def test_first_batch_loss_matches_trl(models, loss_type, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"])
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(paths["reference"], dtype=torch.float32)
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(PAIRS),
-                     beta=0.1, loss_type=[loss_type], max_length=64, report_to=[],
-                     use_cpu=True, disable_tqdm=True, bf16=False)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args,
-                         train_dataset=load_dataset("json", data_files=str(data), split="train"),
-                         processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(PAIRS),
+        beta=0.1,
+        loss_type=[loss_type],
+        max_length=64,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        bf16=False,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=load_dataset("json", data_files=str(data), split="train"),
+        processing_class=tokenizer,
+    )
     assert trainer.accelerator.mixed_precision == "no"  # the reference forward is not autocast
     batch = next(iter(trainer.get_train_dataloader()))
     policy.eval()  # no dropout either side (the tiny Llama has none; be explicit)
     with torch.no_grad():
         trl_loss = trainer.compute_loss(policy, batch).item()
 
-        ours = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "loss_mask": batch["completion_mask"].bool()}
+        ours = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "loss_mask": batch["completion_mask"].bool(),
+        }
         out = sequence_logps(policy, ours)
         policy_c, policy_r = split_pair_logps(out["logps"])
         ref_c, ref_r = split_pair_logps(sequence_logps(reference, ours)["logps"])
         len_c, len_r = split_pair_logps(out["n_tokens"].float())
-        losses, _, _ = preference_loss(policy_c, policy_r, ref_c, ref_r, beta=0.1,
-                                       loss_type=loss_type, chosen_lengths=len_c,
-                                       rejected_lengths=len_r)
+        losses, _, _ = preference_loss(
+            policy_c,
+            policy_r,
+            ref_c,
+            ref_r,
+            beta=0.1,
+            loss_type=loss_type,
+            chosen_lengths=len_c,
+            rejected_lengths=len_r,
+        )
     assert abs(losses.mean().item() - trl_loss) < 1e-5
     assert abs(trl_loss - (0.6931 if loss_type == "sigmoid" else 25.0)) > 1e-3  # not trivial

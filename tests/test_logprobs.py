@@ -238,4 +238,3 @@ def test_gradients_match_plain_autograd_in_float64(model, tokenizer, path):
     for (name, p_ours), p_plain in zip(ours.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p_ours.grad, p_plain.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert ours.lm_head.weight.grad.abs().sum() > 0
-

@@ -39,8 +39,14 @@ def embedded(tmp_path_factory):
 def make_job(
     embedded, out: Path, kind: str = "dpo", processes: int = 1, zero: int = 0, **train
 ) -> dict:
-    small = dict(max_steps=8, batch_size=8, max_length=64, max_prompt_length=16,
-                 warmup_steps=2, checkpoint_every=4)
+    small = dict(
+        max_steps=8,
+        batch_size=8,
+        max_length=64,
+        max_prompt_length=16,
+        warmup_steps=2,
+        checkpoint_every=4,
+    )
     section = (DPOConfig if kind == "dpo" else SFTConfig)(**(small | train))
     return {
         "kind": kind,
@@ -183,7 +189,10 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
     from models.reference import compute_reference_logps
 
     ref = compute_reference_logps(
-        embedded["model"], embedded["data"], max_length=64, max_prompt_length=16,
+        embedded["model"],
+        embedded["data"],
+        max_length=64,
+        max_prompt_length=16,
         precision="bf16",
     )
     fp32 = torch.load(embedded["ref"])
