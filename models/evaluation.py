@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from models.generation import generate, load_causal_lm
+from models.generation import Sample, answer_texts, generate, load_causal_lm, sample
 from models.judges import Judge, PairwiseJudge, Verdict
-from models.logprobs import collate, sequence_logps, tokenize_example
+from models.logprobs import collate, sequence_logps
 
 # Judge scores closer than this are a tie: float noise must not decide a comparison.
 TIE_TOLERANCE = 1e-9
@@ -114,47 +114,40 @@ def win_rate_from_verdicts(verdicts: list[Verdict], *, z: float = 1.96) -> WinRa
 def estimate_kl(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
-    tokenizer,
-    prompts: list[str],
-    answers: list[str],
-    **batching: int,
+    samples: list[Sample],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
 ) -> tuple[float, float]:
     """Monte-Carlo KL(policy || reference) from answers the POLICY sampled.
 
-    Per sample, log pi(y|x) - log pi_ref(y|x), summed over the answer tokens
-    (eos included, as in training); the mean of these is an unbiased estimate of
-    the sequence-level KL when y ~ pi. Returns (mean, standard error of the mean);
-    the standard error is NaN for a single sample. Answers are re-tokenized from
-    text, so the estimate is exact only where decoding then encoding round-trips.
-    `batching` (max_length, max_prompt_length, batch_size) goes to `kl_terms`.
+    Per sample, log pi(y|x) - log pi_ref(y|x), summed over the tokens the policy
+    sampled (its eos included when it stopped by itself); the mean of these is an
+    unbiased estimate of the sequence-level KL when y ~ pi (temperature 1, top_p 1).
+    Returns (mean, standard error of the mean); the standard error is NaN for a
+    single sample.
     """
-    terms = kl_terms(policy, reference, tokenizer, prompts, answers, **batching)
-    return _mean_and_stderr(terms)
+    return _mean_and_stderr(
+        kl_terms(policy, reference, samples, pad_id=pad_id, batch_size=batch_size)
+    )
 
 
 def kl_terms(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
-    tokenizer,
-    prompts: list[str],
-    answers: list[str],
+    samples: list[Sample],
     *,
-    max_length: int = 256,
-    max_prompt_length: int = 128,
+    pad_id: int,
     batch_size: int = 32,
 ) -> list[float]:
-    """Per sample, log pi(y|x) - log pi_ref(y|x): the terms `estimate_kl` averages."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
-    if not prompts:
-        raise ValueError("estimate_kl needs at least one (prompt, answer) pair")
-    examples = [
-        tokenize_example(
-            tokenizer, prompt, answer, max_length=max_length, max_prompt_length=max_prompt_length
-        )
-        for prompt, answer in zip(prompts, answers, strict=True)
-    ]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """Per sample, log pi(y|x) - log pi_ref(y|x): the terms `estimate_kl` averages.
+
+    The sampled token ids are scored as they were sampled: decoding them to text and
+    encoding that again can give other tokens (a BPE merge across the answer's start, a
+    special token dropped), which neither model wrote and both may find unlikely."""
+    if not samples:
+        raise ValueError("estimate_kl needs at least one sample")
+    examples = [(s.prompt_ids, s.answer_ids) for s in samples]
     differences: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
@@ -246,6 +239,7 @@ def evaluate_policy(
     log = progress if progress is not None else JudgedLog(None)
     policy, tokenizer = load_causal_lm(policy_dir)
     reference, reference_tokenizer = load_causal_lm(reference_dir)
+    pad_id = tokenizer.pad_token_id  # load_causal_lm sets one
 
     def judge_chunk(temp: float, index: int, start: int) -> dict:
         rows = slice(start, start + batch_size)
@@ -257,7 +251,8 @@ def evaluate_policy(
             "batch_size": batch_size,
             "first_batch": index,
         }
-        policy_answers = generate(policy, tokenizer, chunk, seed=seed, **sampling)
+        policy_samples = sample(policy, tokenizer, chunk, seed=seed, **sampling)
+        policy_answers = answer_texts(tokenizer, policy_samples)
         reference_answers = generate(
             reference, reference_tokenizer, chunk, seed=seed + 1, **sampling
         )
@@ -268,7 +263,7 @@ def evaluate_policy(
             "verdicts": comparison.verdicts,
             "policy_scores": comparison.policy_scores,
             "other_scores": comparison.other_scores,
-            "kl_terms": kl_terms(policy, reference, tokenizer, chunk, policy_answers),
+            "kl_terms": kl_terms(policy, reference, policy_samples, pad_id=pad_id),
         }
         if chosen is not None and temp == temperature:
             record["vs_chosen"] = _verdicts_against_chosen(

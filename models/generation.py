@@ -9,6 +9,7 @@ is plain greedy decoding.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +67,32 @@ def _looks_like_local_path(path_or_name: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sampled answer as token ids: the prompt the model was given (bos included) and the
+    tokens it wrote, its eos included when it stopped by itself (not when max_new_tokens cut
+    it). Scoring these ids, not re-encoded text, gives the log-probs of what was sampled."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
 def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    **sampling,
+) -> list[str]:
+    """Sample one answer per prompt and return only the answer text (see `sample`)."""
+    return answer_texts(tokenizer, sample(model, tokenizer, prompts, **sampling))
+
+
+def answer_texts(tokenizer: PreTrainedTokenizerBase, samples: list[Sample]) -> list[str]:
+    """The answers as text, without their eos."""
+    return [tokenizer.decode(s.answer_ids, skip_special_tokens=True) for s in samples]
+
+
+def sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
@@ -77,15 +103,15 @@ def generate(
     batch_size: int = 64,
     seed: int = 0,
     first_batch: int = 0,
-) -> list[str]:
-    """Sample one answer per prompt and return only the answer text.
+) -> list[Sample]:
+    """Sample one answer per prompt, as token ids.
 
     Prompts are encoded as `[bos] + encode(prompt)` (no other special tokens),
-    left-padded so every row's next token is at the same column, and decoded
+    left-padded so every row's next token is at the same column, and sampled
     until eos. Each batch reseeds from `(seed, batch index)`, so a batch's
     samples do not depend on how many batches ran before it; the caller's
     global RNG state is left as it was. `temperature=0` means greedy decoding.
-    `first_batch` numbers the batches from there: generating a list in pieces of
+    `first_batch` numbers the batches from there: sampling a list in pieces of
     `batch_size` prompts, piece k with `first_batch=k`, gives the same answers as one call.
     """
     if batch_size < 1:
@@ -93,7 +119,7 @@ def generate(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     encoded = [_encode_prompt(tokenizer, prompt) for prompt in prompts]
-    answers: list[str] = []
+    samples: list[Sample] = []
     for index, batch in enumerate(_chunks(encoded, batch_size)):
         answer_ids = _generate_batch(
             model,
@@ -104,8 +130,8 @@ def generate(
             top_p=top_p,
             seed=seed * _SEED_STRIDE + first_batch + index,
         )
-        answers.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids)
-    return answers
+        samples += [Sample(p, a) for p, a in zip(batch, answer_ids, strict=True)]
+    return samples
 
 
 def _encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -165,7 +191,8 @@ def _generate_batch(
     top_p: float,
     seed: int,
 ) -> list[list[int]]:
-    """Generate for one batch; returns each row's new tokens, cut before the first eos."""
+    """Generate for one batch; returns each row's new tokens, up to and including the first
+    eos."""
     pad_id = _pad_id(tokenizer)
     input_ids, attention_mask = _left_pad(rows, pad_id)
     device = model.device
@@ -183,11 +210,11 @@ def _generate_batch(
             **_sampling_kwargs(temperature, top_p),
         )
     new_tokens = output[:, input_ids.shape[1] :].tolist()
-    return [_cut_at_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
+    return [_through_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
 
 
-def _cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
-    """Drop eos and everything after it (generate pads finished rows)."""
+def _through_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """Drop what follows the first eos (generate pads finished rows); the eos stays."""
     if eos_token_id is not None and eos_token_id in ids:
-        return ids[: ids.index(eos_token_id)]
+        return ids[: ids.index(eos_token_id) + 1]
     return ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from models.evaluation import (
     JudgedLog,
     estimate_kl,
     evaluate_policy,
+    kl_terms,
     markdown_report,
     win_rate,
 )
-from models.generation import generate, load_causal_lm
+from models.generation import generate, load_causal_lm, sample
 
 SENTENCES = [
     "this movie was great and i loved every minute of it",
@@ -113,13 +115,39 @@ def test_win_rate_tolerance_and_bounds():
 
 
 def test_estimate_kl_is_zero_for_the_same_model_and_positive_otherwise(model, tokenizer):
-    answers = generate(model, tokenizer, PROMPTS, max_new_tokens=8, seed=1)
-    kl, stderr = estimate_kl(model, model, tokenizer, PROMPTS, answers, batch_size=2)
+    samples = sample(model, tokenizer, PROMPTS, max_new_tokens=8, seed=1)
+    pad = tokenizer.pad_token_id
+    kl, stderr = estimate_kl(model, model, samples, pad_id=pad, batch_size=2)
     assert abs(kl) < 1e-6 and abs(stderr) < 1e-6
 
     other = make_model(tokenizer, seed=1)
-    kl, stderr = estimate_kl(model, other, tokenizer, PROMPTS, answers, batch_size=2)
+    kl, stderr = estimate_kl(model, other, samples, pad_id=pad, batch_size=2)
     assert kl > 0 and stderr > 0
+
+
+def test_kl_terms_score_the_sampled_tokens_exactly(model, tokenizer):
+    """Each term is log pi(y|x) - log pi_ref(y|x) of the very tokens sampled, eos included
+    only where the model stopped by itself: checked against a plain float64 forward pass."""
+    samples = sample(model, tokenizer, PROMPTS, max_new_tokens=6, seed=3, batch_size=3)
+    other = make_model(tokenizer, seed=1)
+    terms = kl_terms(model, other, samples, pad_id=tokenizer.pad_token_id, batch_size=3)
+    eos = tokenizer.eos_token_id
+    plain = [copy.deepcopy(m).double() for m in (model, other)]  # float64, one row at a time
+
+    def answer_logp(m, s) -> float:
+        with torch.no_grad():
+            logp = m(torch.tensor([s.prompt_ids + s.answer_ids])).logits[0].log_softmax(-1)
+        n = len(s.prompt_ids)  # position n - 1 + i predicts answer token i
+        return sum(logp[n - 1 + i, t].item() for i, t in enumerate(s.answer_ids))
+
+    for s, term in zip(samples, terms, strict=True):
+        assert eos not in s.answer_ids[:-1]  # nothing after a stop
+        assert len(s.answer_ids) == 6 or s.answer_ids[-1] == eos
+        expected = answer_logp(plain[0], s) - answer_logp(plain[1], s)
+        assert term == pytest.approx(expected, abs=1e-4)
+    # the text round trip: generate gives the same answers as text, without eos
+    texts = generate(model, tokenizer, PROMPTS, max_new_tokens=6, seed=3, batch_size=3)
+    assert texts == [tokenizer.decode(s.answer_ids, skip_special_tokens=True) for s in samples]
 
 
 def test_greedy_generation_ignores_batch_size_and_padding(model, tokenizer):
