@@ -184,6 +184,42 @@ def validate_preferences(
     return report
 
 
+def load_and_validate(
+    train: str,
+    eval_prompts: str,
+    data: dict[str, Any],
+    *,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    report_dir: pathlib.Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, ValidationReport]:
+    """Load the training pairs and the eval prompts as the config's ``data`` section says
+    (split, revision, columns, min_rows, severities) and run the suite on them: what
+    `dpoflow validate` and the pipeline's validate stage both do. With a ``tokenizer``
+    conversational data is rendered with its chat template and, with ``max_length``,
+    token lengths are checked. Returns (pairs, prompts, report)."""
+    from data_checks.loading import load_preferences, load_prompts
+
+    pairs = load_preferences(
+        train,
+        split=data["split"],
+        revision=data["revision"],
+        columns=data["columns"] or None,
+        tokenizer=tokenizer,
+    )
+    prompts = load_prompts(eval_prompts)
+    report = validate_preferences(
+        pairs,
+        min_rows=data["min_rows"],
+        severities=data["severities"] or None,
+        eval_prompts=prompts["prompt"].tolist(),
+        tokenizer=tokenizer,
+        max_length=max_length,
+        report_dir=report_dir,
+    )
+    return pairs, prompts, report
+
+
 def _severities(overrides: dict[str, str] | None) -> dict[str, str]:
     levels = {name: check.default for name, check in CHECKS.items()}
     for name, level in (overrides or {}).items():

@@ -171,21 +171,11 @@ def validate(
     quiet_libraries()
     try:
         cfg = load_config(config, set_ or [])
-        from data_checks.loading import load_preferences, load_prompts
-        from data_checks.suite import render_failures_table, validate_preferences
+        from data_checks.suite import load_and_validate, render_failures_table
         from tasks.sources import resolve_data
 
-        pairs = load_preferences(
-            data, split=cfg.data.split, revision=cfg.data.revision, columns=cfg.data.columns or None
-        )
         eval_source = resolve_data(cfg.data.eval_prompts, workdir, eval_prompts=True)
-        prompts = load_prompts(eval_source)["prompt"].tolist()
-        report = validate_preferences(
-            pairs,
-            min_rows=cfg.data.min_rows,
-            severities=cfg.data.severities or None,
-            eval_prompts=prompts,
-        )
+        _, _, report = load_and_validate(data, eval_source, cfg.data.model_dump())
     except UserError as exc:
         fail(str(exc))
     if report.success:

@@ -36,25 +36,14 @@ def validate_data(
     """Load, validate, and write `pairs.jsonl` + `eval_prompts.jsonl` into `partial`."""
     from transformers import AutoTokenizer
 
-    from data_checks.loading import load_preferences, load_prompts
-    from data_checks.suite import validate_preferences
+    from data_checks.suite import load_and_validate
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # lengths as the run will see them
-
-    pairs = load_preferences(
+    pairs, prompts, report = load_and_validate(
         train,
-        split=data["split"],
-        revision=data["revision"],
-        columns=data["columns"] or None,
+        eval_prompts,
+        data,
         tokenizer=tokenizer,  # renders conversational data with its chat template
-    )
-    prompts = load_prompts(eval_prompts)
-    report = validate_preferences(
-        pairs,
-        min_rows=data["min_rows"],
-        severities=data["severities"] or None,
-        eval_prompts=prompts["prompt"].tolist(),
-        tokenizer=tokenizer,
         max_length=max_length,
         report_dir=partial / "report",
     )
