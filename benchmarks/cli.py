@@ -45,6 +45,16 @@ Device = Annotated[
         "when there is a GPU.",
     ),
 ]
+ZeroStage = Annotated[
+    int | None,
+    typer.Option(
+        "--zero-stage",
+        min=0,
+        max=3,
+        help="Our DeepSpeed ZeRO stage (default: 0 on cpu, 1 on cuda: in bf16, ZeRO-1 "
+        "accumulates gradients in fp32 and holds less GPU memory).",
+    ),
+]
 Repeats = Annotated[
     int,
     typer.Option(
@@ -78,6 +88,7 @@ def _spec(
     max_prompt_length: int,
     threads: int,
     where: Where,
+    zero_stage: int | None,
     **extra,
 ) -> dict:
     device = where.value
@@ -97,6 +108,7 @@ def _spec(
         threads=threads,
         device=device,
         precision="bf16" if device == "cuda" else "fp32",
+        zero_stage=(1 if device == "cuda" else 0) if zero_stage is None else zero_stage,
         learning_rate=5e-4,
         **extra,
     )
@@ -116,6 +128,7 @@ def dpo(
     threads: Threads = 2,
     repeats: Repeats = 1,
     device: Device = Where.auto,
+    zero_stage: ZeroStage = None,
     beta: Annotated[float, typer.Option("--beta")] = 0.1,
     loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid",
 ) -> None:
@@ -131,6 +144,7 @@ def dpo(
         max_prompt_length,
         threads,
         device,
+        zero_stage,
         beta=beta,
         loss_type=loss_type,
     )
@@ -151,6 +165,7 @@ def sft(
     threads: Threads = 2,
     repeats: Repeats = 1,
     device: Device = Where.auto,
+    zero_stage: ZeroStage = None,
 ) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
     spec = _spec(
@@ -164,6 +179,7 @@ def sft(
         max_prompt_length,
         threads,
         device,
+        zero_stage,
     )
     _run(spec, peer, json_out, repeats)
 

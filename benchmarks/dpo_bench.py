@@ -213,7 +213,8 @@ def format_report(report: dict) -> str:
         f"{s['kind']} bench: model {s['model']} ({report['params'] / 1e6:.1f} M params), "
         f"batch {s['batch_size']}, max_length {s['max_length']}, {s['steps']} timed steps "
         f"after {s['warmup']} warm-up, {s['threads']} threads, "
-        f"{s.get('device', 'cpu')} {s.get('precision', 'fp32')}",
+        f"{s.get('device', 'cpu')} {s.get('precision', 'fp32')}, our ZeRO stage "
+        f"{s.get('zero_stage', 0)}",
         f"{'bf16' if s.get('device') == 'cuda' else 'fp32'} matmul ceiling: "
         f"{report['matmul_ceiling_gflops']:.1f} GFLOP/s",
     ]

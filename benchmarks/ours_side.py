@@ -76,7 +76,10 @@ def run(spec: Spec) -> dict:
     job = {
         "kind": spec["kind"],
         "train": section,
-        "distributed": {"zero_stage": 0, "precision": spec.get("precision", "fp32")},
+        "distributed": {
+            "zero_stage": spec.get("zero_stage", 0),
+            "precision": spec.get("precision", "fp32"),
+        },
         "model_path": spec["model"],
         "data_path": spec["data"],
         "reference_logps_path": reference_path,

@@ -183,9 +183,11 @@ def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
     assert processes_mentioning(str(tmp_path / "job.json")) == []  # no orphan worker
 
 
-def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded, tmp_path):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded, tmp_path, zero):
     """The reference stage runs in the training's precision: a bf16 policy's first-step
-    log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap."""
+    log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap.
+    ZeRO-1 in bf16 accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)."""
     from models.reference import compute_reference_logps
 
     ref = compute_reference_logps(
@@ -200,14 +202,16 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
     assert 0 < (ref["chosen"] - fp32["chosen"]).abs().max() < 2.0  # bf16 rounding, not noise
     torch.save(ref, tmp_path / "ref_bf16.pt")
 
-    def first_step(reference: str, out: Path) -> dict:
-        job = make_job(embedded, out, max_steps=1, learning_rate=1e-6)
+    def first_step(reference: str, out: Path) -> tuple[dict, dict]:
+        job = make_job(embedded, out, zero=zero, max_steps=1, learning_rate=1e-6)
         job["distributed"]["precision"] = "bf16"
         job["reference_logps_path"] = reference
-        return train(job, out)[1][0]
+        result, rows = train(job, out)
+        return result, rows[0]
 
-    matched = first_step(str(tmp_path / "ref_bf16.pt"), tmp_path / "bf16")
-    mixed = first_step(embedded["ref"], tmp_path / "mixed")
+    result, matched = first_step(str(tmp_path / "ref_bf16.pt"), tmp_path / "bf16")
+    assert result["optimizer"] == ("BF16_Optimizer" if zero == 1 else "FP16_UnfusedOptimizer")
+    _, mixed = first_step(embedded["ref"], tmp_path / "mixed")
     assert matched["rewards/chosen"] == 0.0 and matched["rewards/rejected"] == 0.0
     assert matched["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(mixed["rewards/chosen"]) > 1e-4  # a bf16 policy against an fp32 reference
