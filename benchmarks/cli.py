@@ -46,13 +46,12 @@ Device = Annotated[
     ),
 ]
 ZeroStage = Annotated[
-    int | None,
+    int,
     typer.Option(
         "--zero-stage",
         min=0,
         max=3,
-        help="Our DeepSpeed ZeRO stage (default: 0 on cpu, 1 on cuda: in bf16, ZeRO-1 "
-        "accumulates gradients in fp32 and holds less GPU memory).",
+        help="Our DeepSpeed ZeRO stage (one process: 0 holds the least memory).",
     ),
 ]
 Repeats = Annotated[
@@ -88,7 +87,7 @@ def _spec(
     max_prompt_length: int,
     threads: int,
     where: Where,
-    zero_stage: int | None,
+    zero_stage: int,
     **extra,
 ) -> dict:
     device = where.value
@@ -108,7 +107,7 @@ def _spec(
         threads=threads,
         device=device,
         precision="bf16" if device == "cuda" else "fp32",
-        zero_stage=(1 if device == "cuda" else 0) if zero_stage is None else zero_stage,
+        zero_stage=zero_stage,
         learning_rate=5e-4,
         **extra,
     )
@@ -128,7 +127,7 @@ def dpo(
     threads: Threads = 2,
     repeats: Repeats = 1,
     device: Device = Where.auto,
-    zero_stage: ZeroStage = None,
+    zero_stage: ZeroStage = 0,
     beta: Annotated[float, typer.Option("--beta")] = 0.1,
     loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid",
 ) -> None:
@@ -165,7 +164,7 @@ def sft(
     threads: Threads = 2,
     repeats: Repeats = 1,
     device: Device = Where.auto,
-    zero_stage: ZeroStage = None,
+    zero_stage: ZeroStage = 0,
 ) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
     spec = _spec(

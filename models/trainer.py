@@ -211,11 +211,6 @@ def deepspeed_config(job: dict, world: int) -> dict:
     )
     if dist_cfg["precision"] in ("bf16", "fp16"):
         ds[dist_cfg["precision"]] = {"enabled": True}
-    if dist_cfg["precision"] == "bf16" and dist_cfg["zero_stage"] == 1:
-        # DeepSpeed's BF16_Optimizer: gradients accumulate in fp32 buffers allocated once, and
-        # each bf16 gradient is freed as soon as it is added in. The default (bf16 gradients,
-        # flattened and cast to fp32 at every step) peaked 1.3x higher on one GPU.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 

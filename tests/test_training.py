@@ -186,8 +186,7 @@ def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded, tmp_path, zero):
     """The reference stage runs in the training's precision: a bf16 policy's first-step
-    log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap.
-    ZeRO-1 in bf16 accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer)."""
+    log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap."""
     from models.reference import compute_reference_logps
 
     ref = compute_reference_logps(
@@ -210,7 +209,8 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
         return result, rows[0]
 
     result, matched = first_step(str(tmp_path / "ref_bf16.pt"), tmp_path / "bf16")
-    assert result["optimizer"] == ("BF16_Optimizer" if zero == 1 else "FP16_UnfusedOptimizer")
+    # DeepSpeed's bf16 wrappers: fp32 master weights beside the bf16 ones
+    assert result["optimizer"] == ("DeepSpeedZeroOptimizer" if zero else "FP16_UnfusedOptimizer")
     _, mixed = first_step(embedded["ref"], tmp_path / "mixed")
     assert matched["rewards/chosen"] == 0.0 and matched["rewards/rejected"] == 0.0
     assert matched["loss"] == pytest.approx(math.log(2), abs=1e-6)
