@@ -48,22 +48,30 @@ def compute_reference_logps(
         pairs = [json.loads(line) for line in f if line.strip()]
     limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
 
-    ids, chosen, rejected = [], [], []
     if progress:
         progress(0, len(pairs))  # loaded: the forward passes start
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        tokenized = []
-        for p in chunk:
-            prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
-            _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
-            tokenized.append((prompt_ids, chosen_ids, rejected_ids))
-        batch = {k: v.to(device) for k, v in pair_batch(tokenized, pad_id).items()}
-        logps = sequence_logps(model, batch)["logps"]  # [2B]
-        c, r = split_pair_logps(logps.cpu())  # [B], [B]
-        ids += [p["id"] for p in chunk]
-        chosen.append(c.float())
-        rejected.append(r.float())
+    tokenized = []
+    for p in pairs:
+        prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
+        _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
+        tokenized.append((prompt_ids, chosen_ids, rejected_ids))
+    # Batches of pairs of similar length pad less; each pair's log-probs do not depend on
+    # which batch it is in, and go back to file order below.
+    order = sorted(range(len(pairs)), key=lambda i: _row_length(tokenized[i]))
+    chosen = torch.empty(len(pairs), dtype=torch.float32)  # [P]
+    rejected = torch.empty(len(pairs), dtype=torch.float32)  # [P]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = pair_batch([tokenized[i] for i in rows], pad_id)
+        logps = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})["logps"]
+        c, r = split_pair_logps(logps.float().cpu())  # [B], [B]
+        chosen[rows], rejected[rows] = c, r
         if progress:
             progress(min(start + batch_size, len(pairs)), len(pairs))
-    return {"ids": ids, "chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    return {"ids": [p["id"] for p in pairs], "chosen": chosen, "rejected": rejected}
+
+
+def _row_length(pair: tuple[list[int], list[int], list[int]]) -> int:
+    """The longer of a pair's two rows (prompt + answer): its padded width in a batch."""
+    prompt_ids, chosen_ids, rejected_ids = pair
+    return len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))

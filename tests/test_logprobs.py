@@ -238,3 +238,46 @@ def test_gradients_match_plain_autograd_in_float64(model, tokenizer, path):
     for (name, p_ours), p_plain in zip(ours.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p_ours.grad, p_plain.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert ours.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_reference_logps_are_stored_in_file_order_and_match_float64(model, tokenizer, tmp_path):
+    """The reference stage batches pairs by length; what it stores is each pair's own
+    log-probs, in the file's order, equal to a plain float64 computation."""
+    import json
+
+    from models.reference import compute_reference_logps
+
+    lengths = [7, 1, 12, 3, 9, 2, 5]  # answer lengths, so that sorting reorders the pairs
+    pairs = [
+        {
+            "id": f"pair-{i}",
+            "prompt": _words(i, i + 1),
+            "chosen": _words(*range(10, 10 + n)),
+            "rejected": _words(*range(50, 50 + (n % 4) + 1)),
+        }
+        for i, n in enumerate(lengths)
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+
+    stored = compute_reference_logps(
+        str(tmp_path / "model"),
+        tmp_path / "pairs.jsonl",
+        max_length=32,
+        max_prompt_length=8,
+        batch_size=3,
+    )
+    assert stored["ids"] == [p["id"] for p in pairs]
+    for i, p in enumerate(pairs):
+        prompt_ids, chosen_ids = tokenize_example(
+            tokenizer, p["prompt"], p["chosen"], max_length=32, max_prompt_length=8
+        )
+        _, rejected_ids = tokenize_example(
+            tokenizer, p["prompt"], p["rejected"], max_length=32, max_prompt_length=8
+        )
+        expected = _reference_logps(
+            model, collate([(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)], PAD)
+        )
+        assert stored["chosen"][i].item() == pytest.approx(expected[0], abs=1e-4)
+        assert stored["rejected"][i].item() == pytest.approx(expected[1], abs=1e-4)
