@@ -215,3 +215,60 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
     assert matched["rewards/chosen"] == 0.0 and matched["rewards/rejected"] == 0.0
     assert matched["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(mixed["rewards/chosen"]) > 1e-4  # a bf16 policy against an fp32 reference
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_gradient_added_in_place_is_bit_identical(tied):
+    """add_embedding_grads_in_place (fp32, one process) changes where the embedding's gradient
+    is summed, not its value: gradients and weights after a few AdamW steps, one of them with
+    a second micro-batch accumulated, equal plain autograd's bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.logprobs import collate, sequence_logps
+    from models.trainer import add_embedding_grads_in_place
+
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        tie_word_embeddings=tied,
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    def batch() -> dict:
+        rows = []
+        for _ in range(6):  # repeated tokens and padding (id 0) in every batch
+            n_prompt, n_answer = torch.randint(2, 6, (2,), generator=generator).tolist()
+            ids = torch.randint(1, 40, (n_prompt + n_answer,), generator=generator).tolist()
+            rows.append((ids[:n_prompt], ids[n_prompt:]))
+        return collate(rows, pad_token_id=0)
+
+    batches = [batch() for _ in range(4)]
+
+    def run(in_place: bool) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        if in_place:
+            add_embedding_grads_in_place(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        seen = []
+        for micro in [[0], [1], [2, 3]]:  # the last step accumulates two micro-batches
+            for i in micro:
+                logps = sequence_logps(model, batches[i])["logps"]
+                (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+            seen.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return seen
+
+    plain, in_place = run(False), run(True)
+    for a, b in zip(plain, in_place, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert plain[0]["model.embed_tokens.weight"].abs().sum() > 0
