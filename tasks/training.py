@@ -30,6 +30,7 @@ from tasks.tracking import (
 
 TRAINING_CODE = (
     "models/trainer.py",
+    "models/cpu_memory.py",
     "models/logprobs.py",
     "models/losses.py",
     "tasks/training.py",

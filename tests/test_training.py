@@ -224,8 +224,8 @@ def test_embedding_gradient_added_in_place_is_bit_identical(tied):
     a second micro-batch accumulated, equal plain autograd's bit for bit."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from models.cpu_memory import add_embedding_grads_in_place
     from models.logprobs import collate, sequence_logps
-    from models.trainer import add_embedding_grads_in_place
 
     config = LlamaConfig(
         vocab_size=300,
