@@ -9,10 +9,11 @@ them; our time is the training window plus the reference stage's time prorated t
 pairs, and our peak memory is the larger of the two processes' peaks (they never run at the
 same time); both peaks are reported.
 
-Figures: pairs (or sequences) per second, real tokens per second (no padding), peak RSS,
-the fraction of this machine's fp32 matmul ceiling reached (model FLOPs estimated as
-6 x params x tokens for training plus 2 x params x tokens for reference forwards),
-the losses of the first steps, and ours / TRL.
+Figures: pairs (or sequences) per second, real tokens per second (no padding), peak RSS (and
+peak GPU memory with --device cuda), the fraction of this machine's matmul ceiling reached
+(fp32 on the CPU, bf16 on a GPU; model FLOPs estimated as 6 x params x tokens for training
+plus 2 x params x tokens for reference forwards), the losses of the first steps, and
+ours / TRL.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from benchmarks.bench_common import rate_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PEAKS = ("peak_rss_mb", "peak_gpu_mb")  # each process's peak memory; the GPU's on a GPU only
 
 
 def matmul_ceiling_gflops(threads: int, device: str = "cpu", seconds: float = 2.0) -> float:
@@ -105,17 +107,16 @@ def run_ours(spec: dict, work: Path, log) -> dict:
     side = run_side("ours_side", spec, work, log)
     share = reference["seconds"] * spec["steps"] / (spec["warmup"] + spec["steps"])
     side["processes"] = {
-        "reference_peak_rss_mb": reference["peak_rss_mb"],
-        "training_peak_rss_mb": side["peak_rss_mb"],
         "reference_seconds_all_pairs": reference["seconds"],
         "reference_startup_seconds": reference["startup_seconds"],
         "reference_seconds_timed_share": share,
         "training_seconds": side["seconds"],
     }
     side["seconds"] += share
-    for peak in ("peak_rss_mb", "peak_gpu_mb"):
+    for peak in PEAKS:
         if peak in side:
             side["processes"][f"reference_{peak}"] = reference[peak]
+            side["processes"][f"training_{peak}"] = side[peak]
             side[peak] = max(reference[peak], side[peak])
     side["loadavg"] = [reference["loadavg"][0], side["loadavg"][1]]
     return side
@@ -143,7 +144,7 @@ def figures(side: dict, spec: dict, params: int, ceiling: float) -> dict[str, An
 def best_run(runs: list[dict], side: str) -> dict:
     """A side's figures over repeated runs: the fastest run's, with the highest peak memory."""
     fastest = min(runs, key=lambda run: run[side]["seconds"])
-    peaks = [k for k in ("peak_rss_mb", "peak_gpu_mb") if k in fastest[side]]
+    peaks = [k for k in PEAKS if k in fastest[side]]
     best = dict(
         fastest[side],
         **{k: max(run[side][k] for run in runs) for k in peaks},
@@ -154,7 +155,8 @@ def best_run(runs: list[dict], side: str) -> dict:
             best["processes"],
             **{
                 k: max(run[side]["processes"][k] for run in runs)
-                for k in ("reference_peak_rss_mb", "training_peak_rss_mb")
+                for k in best["processes"]
+                if k.endswith(PEAKS)
             },
         )
     return best
@@ -195,7 +197,7 @@ def run_bench(
         rate = rate_name(spec["kind"])
         report["ratio"] = {
             k: report["ours"][k] / report["trl"][k]
-            for k in (rate, "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "matmul_fraction")
+            for k in (rate, "tokens_per_s", *PEAKS, "matmul_fraction")
             if k in report["ours"]
         }
     if repeats > 1:
