@@ -90,11 +90,16 @@ def _spec(
     zero_stage: int,
     **extra,
 ) -> dict:
+    import torch
+
     device = where.value
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(
+            "this machine's torch sees no GPU: run on a GPU machine, or leave --device out.",
+            param_hint="'--device'",
+        )
     return dict(
         kind=kind,
         model=str(model),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 
@@ -81,3 +82,8 @@ def test_bench_mistakes_are_one_sentence(cli_env, tmp_path):
     proc = run_cli(["bench", "dpo", "--model", str(tmp_path), "--data", str(HH)], cli_env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "has 20 pairs but (--warmup + --steps) x --batch-size needs 368" in proc.stderr
+    if not torch.cuda.is_available():  # a GPU machine would run the bench
+        cuda = ["--model", str(tmp_path), "--data", str(HH), "--device", "cuda"]
+        proc = run_cli(["bench", "dpo", *cuda], cli_env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "sees no GPU" in proc.stderr
