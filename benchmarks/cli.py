@@ -1,4 +1,4 @@
-"""`dpoflow bench`: the typer sub-app; the logic lives in benchmarks/dpo_bench.py."""
+"""`python -m benchmarks`: the command line; the logic lives in benchmarks/dpo_bench.py."""
 
 from __future__ import annotations
 
@@ -16,8 +16,19 @@ Model = Annotated[
     Path, typer.Option("--model", help="Hugging Face model folder.", exists=True, file_okay=False)
 ]
 Data = Annotated[
-    Path,
-    typer.Option("--data", help="JSONL of prompt/chosen/rejected.", exists=True, dir_okay=False),
+    str,
+    typer.Option(
+        "--data",
+        help="Preference data as `dpoflow validate` reads it: a .jsonl/.json/.csv/.parquet "
+        "file, a save_to_disk folder or a hub name; plain, HH or conversational rows.",
+    ),
+]
+Columns = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--columns",
+        help="Map a column name, like --columns prompt=question (repeatable): data.columns.",
+    ),
 ]
 Steps = Annotated[int, typer.Option("--steps", help="Timed steps (after the warm-up).")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed steps first.")]
@@ -66,20 +77,38 @@ Repeats = Annotated[
 
 
 def _run(spec: dict, peer: str | None, json_out: Path | None, repeats: int) -> None:
-    """Run the bench; a mistake the user can fix (too few pairs) is one sentence, exit 1."""
+    """Run the bench; a mistake the user can fix (a model folder or data file the pipeline
+    would refuse, too few pairs) is one sentence, exit 1."""
     from benchmarks.dpo_bench import run_bench
+    from dpoflow.errors import UserError
+    from dpoflow.tasks.sources import check_model_source
 
     try:
+        check_model_source(spec["model"])  # a folder the pipeline could not load is refused
         run_bench(spec, peer, json_out, repeats=repeats)
-    except ValueError as exc:
+    except (ValueError, UserError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _columns(items: list[str] | None) -> dict[str, str]:
+    """["prompt=question"] -> {"prompt": "question"}."""
+    mapping = {}
+    for item in items or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise typer.BadParameter(
+                f"{item!r} is not NAME=COLUMN: write it like --columns prompt=question.",
+                param_hint="'--columns'",
+            )
+        mapping[name.strip()] = source.strip()
+    return mapping
 
 
 def _spec(
     kind: str,
     model: Path,
-    data: Path,
+    data: str,
     steps: int,
     warmup: int,
     batch_size: int,
@@ -92,6 +121,12 @@ def _spec(
 ) -> dict:
     import torch
 
+    if max_prompt_length >= max_length:
+        raise typer.BadParameter(
+            f"{max_prompt_length} is not below --max-length {max_length}: answers need room; "
+            "lower --max-prompt-length or raise --max-length.",
+            param_hint="'--max-prompt-length'",
+        )
     device = where.value
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +138,7 @@ def _spec(
     return dict(
         kind=kind,
         model=str(model),
-        data=str(data),
+        data=data,
         steps=steps,
         warmup=warmup,
         batch_size=batch_size,
@@ -128,6 +163,7 @@ def dpo(
     max_length: MaxLen = 128,
     max_prompt_length: MaxPrompt = 64,
     peer: Peer = None,
+    columns: Columns = None,
     json_out: JsonOut = None,
     threads: Threads = 2,
     repeats: Repeats = 1,
@@ -149,6 +185,7 @@ def dpo(
         threads,
         device,
         zero_stage,
+        columns=_columns(columns),
         beta=beta,
         loss_type=loss_type,
     )
@@ -165,6 +202,7 @@ def sft(
     max_length: MaxLen = 128,
     max_prompt_length: MaxPrompt = 64,
     peer: Peer = None,
+    columns: Columns = None,
     json_out: JsonOut = None,
     threads: Threads = 2,
     repeats: Repeats = 1,
@@ -184,9 +222,6 @@ def sft(
         threads,
         device,
         zero_stage,
+        columns=_columns(columns),
     )
     _run(spec, peer, json_out, repeats)
-
-
-if __name__ == "__main__":  # `python -m benchmarks.cli dpo ...`, where `dpoflow` is not installed
-    bench_app()

@@ -1,4 +1,4 @@
-"""`dpoflow bench dpo|sft`: our trainer against TRL's on the same model, data and machine.
+"""`python -m benchmarks dpo|sft`: our trainer against TRL's on the same model, data and machine.
 
 Each side runs in its own subprocess (so its peak resident memory is its own), one after the
 other (never both at once on a shared machine), on the same subset of the data: exactly
@@ -61,14 +61,32 @@ def parameter_count(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_subset(data: Path, n_pairs: int, out: Path) -> Path:
-    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(lines) < n_pairs:
+def write_subset(spec: dict, n_pairs: int, out: Path) -> Path:
+    """The bench's pairs, read and checked as `dpoflow validate` and `dpoflow run` do (every
+    format and shape, `--columns`, the model's tokenizer and chat template, the Great
+    Expectations suite), and written as the validate stage writes them (with ids): the first
+    `n_pairs`. A file the pipeline would refuse is refused with the pipeline's sentence."""
+    from transformers import AutoTokenizer
+
+    from dpoflow.data_checks.loading import load_preferences
+    from dpoflow.data_checks.suite import validate_preferences
+    from dpoflow.errors import DataError
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    pairs = load_preferences(spec["data"], columns=spec.get("columns"), tokenizer=tokenizer)
+    if len(pairs) < n_pairs:
         raise ValueError(
-            f"{data} has {len(lines)} pairs but (--warmup + --steps) x --batch-size needs "
-            f"{n_pairs}: give more pairs or fewer steps."
+            f"{spec['data']} has {len(pairs)} pairs but (--warmup + --steps) x --batch-size "
+            f"needs {n_pairs}: give more pairs or fewer steps."
         )
-    out.write_text("\n".join(lines[:n_pairs]) + "\n", encoding="utf-8")
+    report = validate_preferences(
+        pairs, min_rows=n_pairs, tokenizer=tokenizer, max_length=spec["max_length"]
+    )
+    if not report.success:
+        raise DataError(report.summary_message())
+    with open(out, "w", encoding="utf-8") as f:
+        for row in pairs[["id", "prompt", "chosen", "rejected"]].head(n_pairs).to_dict("records"):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
 
 
@@ -176,7 +194,7 @@ def run_bench(
     # models) goes to one scratch folder, deleted at the end, also when a side fails.
     with tempfile.TemporaryDirectory(prefix="dpoflow-bench-") as scratch:
         work = Path(scratch)
-        data = write_subset(Path(spec["data"]), n_pairs, work / "data.jsonl")
+        data = write_subset(spec, n_pairs, work / "data.jsonl")
         spec = dict(spec, data=str(data), scratch=scratch)
         ceiling = matmul_ceiling_gflops(spec["threads"], spec.get("device", "cpu"))
         params = parameter_count(spec["model"])
@@ -186,7 +204,7 @@ def run_bench(
                 run["trl"] = figures(run_side("trl_peer", spec, work, log), spec, params, ceiling)
             runs.append(run)
     report: dict[str, Any] = {
-        "settings": {k: v for k, v in spec.items() if k not in ("data", "scratch")}
+        "settings": {k: v for k, v in spec.items() if k not in ("data", "scratch", "columns")}
         | {"repeats": repeats},
         "params": params,
         "matmul_ceiling_gflops": ceiling,

@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.config import DistributedConfig, DPOConfig  # noqa: E402
-from models.reference import compute_reference_logps  # noqa: E402
-from tasks.launcher import run_training  # noqa: E402
-from tasks.sources import ensure_embedded_data  # noqa: E402
+from dpoflow.config import DistributedConfig, DPOConfig  # noqa: E402
+from dpoflow.models.reference import compute_reference_logps  # noqa: E402
+from dpoflow.tasks.launcher import run_training  # noqa: E402
+from dpoflow.tasks.sources import ensure_embedded_data  # noqa: E402
 
 
 def build_model(out: Path, tokenizer_source: Path) -> None:
@@ -46,7 +46,7 @@ def build_model(out: Path, tokenizer_source: Path) -> None:
 
 
 def main() -> None:
-    from tasks.sources import ensure_embedded_model
+    from dpoflow.tasks.sources import ensure_embedded_model
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     data = ensure_embedded_data(work) / "train.jsonl"

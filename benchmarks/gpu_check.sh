@@ -17,6 +17,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 fi
+# dpoflow itself, under its one import name (its folders are mapped by pyproject.toml).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site-dpoflow .
+export PYTHONPATH=/tmp/site-dpoflow${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -26,12 +29,12 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   nproc
 } | tee "$out/machine.txt"
 
-data=$(python3 -c "from tasks.sources import ensure_embedded_data as e; print(e('.dpoflow'))")/train.jsonl
+data=$(python3 -c "from dpoflow.tasks.sources import ensure_embedded_data as e; print(e('.dpoflow'))")/train.jsonl
 model=.dpoflow/bench/llama-140m
 python3 -m benchmarks.make_model --preset 140m --data "$data" --out "$model" 2>&1 | tail -1
 
 bench() {  # bench dpo|sft NAME REPEATS
-  python3 -m benchmarks.cli "$1" --model "$model" --data "$data" --device cuda --peer trl \
+  python3 -m benchmarks "$1" --model "$model" --data "$data" --device cuda --peer trl \
     --steps 30 --warmup 5 --batch-size 64 --max-length 256 --threads 8 --repeats "$3" \
     --json "$out/$2.json" 2>&1 | grep -v "WARN\|it/s\]" | tee "$out/$2.txt"
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.tiny_llama import _train_tokenizer
+from dpoflow.models.tiny_llama import _train_tokenizer
 
 # name -> (vocab, hidden, layers, heads, positions)
 PRESETS: dict[str, dict[str, int]] = {

@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.bench_common import Spec, child_main
-from models.reference import compute_reference_logps
+from dpoflow.models.reference import compute_reference_logps
 
 
 def run(spec: Spec) -> dict:

@@ -1,7 +1,7 @@
 """Our side of the benchmark: the real trainer loop (models/trainer.py), in this process.
 
-``models.trainer.train(job)`` is called directly with a one-process gloo group: the same code
-the deepspeed launcher runs (DeepSpeed engine, objective, optimizer, metrics), minus the
+``dpoflow.models.trainer.train(job)`` is called directly with a one-process gloo group: the
+same code the deepspeed launcher runs (DeepSpeed engine, objective, optimizer, metrics), minus the
 launcher's process start. Step times come from the loop's own metrics (its cumulative
 throughput gives the elapsed time at each step), so nothing is added to the loop to time it.
 For DPO the reference log-probs were computed before, in their own process, as the pipeline's
@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_common import Spec, child_main, rate_name, timed_window
-from flows.config import DPOConfig, SFTConfig
-from models import trainer
+from dpoflow.config import DPOConfig, SFTConfig
+from dpoflow.models import trainer
 
 
 def train_section(spec: Spec) -> dict:

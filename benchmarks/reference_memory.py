@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.config import DistributedConfig, DPOConfig  # noqa: E402
-from models.reference import compute_reference_logps  # noqa: E402
-from tasks.launcher import run_training  # noqa: E402
-from tasks.sources import ensure_embedded_data, ensure_embedded_model  # noqa: E402
+from dpoflow.config import DistributedConfig, DPOConfig  # noqa: E402
+from dpoflow.models.reference import compute_reference_logps  # noqa: E402
+from dpoflow.tasks.launcher import run_training  # noqa: E402
+from dpoflow.tasks.sources import ensure_embedded_data, ensure_embedded_model  # noqa: E402
 
 
 def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:

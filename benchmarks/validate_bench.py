@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
-from data_checks.suite import validate_preferences  # noqa: E402
+from dpoflow.data_checks.suite import validate_preferences  # noqa: E402
 
 WORDS = "the a model answer helpful question data train prefer short long clear kind".split()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from flows.errors import ConfigError, DataError
+from dpoflow.errors import ConfigError, DataError
 
 INTERNAL_COLUMNS = ("id", "prompt", "chosen", "rejected")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from flows.errors import ConfigError
+from dpoflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -198,7 +198,7 @@ def load_and_validate(
     `dpoflow validate` and the pipeline's validate stage both do. With a ``tokenizer``
     conversational data is rendered with its chat template and, with ``max_length``,
     token lengths are checked. Returns (pairs, prompts, report)."""
-    from data_checks.loading import load_preferences, load_prompts
+    from dpoflow.data_checks.loading import load_preferences, load_prompts
 
     pairs = load_preferences(
         train,

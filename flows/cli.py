@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from benchmarks.cli import bench_app
-from flows.config import DEFAULT_CONFIG, PipelineConfig, load_config
-from flows.errors import UserError
-from tasks.sources import check_model_source
+from dpoflow.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from dpoflow.errors import UserError
+from dpoflow.flows.prefect_api import prefect_api
+from dpoflow.tasks.sources import check_model_source
 
 app = typer.Typer(
     help="Align a language model to preferences with DPO: validate, SFT, DPO, evaluate, register.",
@@ -32,7 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(bench_app, name="bench")
 console = Console(stderr=True, soft_wrap=True)  # one sentence stays one line
 
 ConfigOpt = Annotated[
@@ -125,11 +126,12 @@ def write_summary(path: Path | None, summary: dict) -> None:
 
 def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -> dict:
     quiet_libraries()
-    from flows.pipeline import check_stage_name, dpo_pipeline
+    from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
 
     check_stage_name(until)  # mistakes a user can fix are refused before Prefect starts
     check_model_source(cfg.model.base)
-    return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir), until=until)
+    with prefect_api(workdir):
+        return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir), until=until)
 
 
 @app.command()
@@ -142,8 +144,8 @@ def run(
         str | None,
         typer.Option(
             "--until",
-            help="Stop after this stage (validate, sft, reference, dpo, evaluate, register); "
-            "the same command without it goes on from there.",
+            help="Stop after this stage of the pipeline (an unknown name is answered with the "
+            "list); the same command without it goes on from there.",
         ),
     ] = None,
 ) -> None:
@@ -167,15 +169,24 @@ def validate(
     workdir: WorkdirOpt = Path(".dpoflow"),
     set_: SetOpt = None,
 ) -> None:
-    """Check preference data with the Great Expectations suite; exit 1 if it fails."""
+    """Check preference data with the Great Expectations suite, as the pipeline's validate
+    stage does (the config's tokenizer, chat template and max_length); exit 1 if it fails."""
     quiet_libraries()
     try:
         cfg = load_config(config, set_ or [])
-        from data_checks.suite import load_and_validate, render_failures_table
-        from tasks.sources import resolve_data
+        check_model_source(cfg.model.base)
+        from dpoflow.data_checks.suite import render_failures_table
+        from dpoflow.tasks.sources import resolve_sources
+        from dpoflow.tasks.validate import check_data
 
-        eval_source = resolve_data(cfg.data.eval_prompts, workdir, eval_prompts=True)
-        _, _, report = load_and_validate(data, eval_source, cfg.data.model_dump())
+        sources = resolve_sources(cfg, workdir)
+        _, _, report = check_data(
+            cfg.data.model_dump(mode="json"),
+            data,
+            sources["eval_data"]["path"],
+            sources["base_model"],
+            cfg.dpo.max_length,
+        )
     except UserError as exc:
         fail(str(exc))
     if report.success:
@@ -188,6 +199,66 @@ def validate(
     fail(report.summary_message())
 
 
+def _win_rate(row: dict) -> str:
+    """Tags "0.604" and "[0.4076, 0.7720]" -> "0.604 (0.408-0.772)"; blank if untagged."""
+    if not row["win_rate"]:
+        return ""
+    low, high = json.loads(row["win_rate_ci"] or "[nan, nan]")
+    return f"{float(row['win_rate']):.3f} ({low:.3f}-{high:.3f})"
+
+
+def versions_table(rows: list[dict], uri: str) -> Group:
+    """Registered versions, newest first, with aliases and figures; then each version's
+    promotion reason on its own line (reasons are sentences: too long for a column)."""
+    table = Table(title=f"registered models at {uri}", show_header=True, box=box.SIMPLE)
+    for column in ("model", "version", "aliases", "win rate (95% CI)", "β", "loss", "judge"):
+        table.add_column(column)  # wraps between words only, so names stay whole
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["version"],
+            ", ".join(row["aliases"]),
+            _win_rate(row),
+            row["beta"],
+            row["loss_type"],
+            row["judge"],
+        )
+    reasons = [
+        Text(f"{row['name']} v{row['version']}: {row['promotion.reason']}")
+        for row in rows
+        if row["promotion.reason"]
+    ]
+    return Group(table, *reasons)
+
+
+def promote_by_hand(
+    cfg: PipelineConfig, workdir: Path, name: str, version: str, *, force: bool
+) -> dict:
+    """The promotion gate on one version, with the config's evaluation prompts (as the
+    validate stage wrote them) and settings: what the pipeline's promote stage does."""
+    from dpoflow.flows.pipeline import validated_output
+    from dpoflow.tasks.promote import gate_prompts, promote_version
+    from dpoflow.tasks.tracking import tracking_uri
+
+    prompts: list[str] = []
+    if not force:
+        validated = validated_output(cfg, workdir)
+        if validated is None:
+            raise UserError(
+                f"the evaluation prompts of this config have not been validated in {workdir}: "
+                "run `dpoflow run --until validate` with the same config and --workdir first."
+            )
+        prompts = gate_prompts(Path(validated["path"]) / "eval_prompts.jsonl", cfg.eval.num_prompts)
+    return promote_version(
+        tracking_uri(cfg.mlflow.tracking_uri, workdir),
+        name,
+        version,
+        prompts,
+        cfg.eval.model_dump(mode="json"),
+        force=force,
+    )
+
+
 @app.command()
 def models(
     name: Annotated[str | None, typer.Argument(help="A registered model (default: all).")] = None,
@@ -198,11 +269,17 @@ def models(
     """List registered model versions with their aliases, win rates and promotion reasons."""
     quiet_libraries()
     try:
-        from flows.registry_cli import show_models
+        from dpoflow.tasks.promote import list_versions, registry
+        from dpoflow.tasks.tracking import tracking_uri
 
-        Console().print(show_models(load_config(config, set_ or []), workdir, name))
+        uri = tracking_uri(load_config(config, set_ or []).mlflow.tracking_uri, workdir)
+        rows = list_versions(registry(uri), name)
     except UserError as exc:
         fail(str(exc))
+    if not rows:
+        Console().print(f"no registered models at {uri}: run `dpoflow run` to register one.")
+        return
+    Console().print(versions_table(rows, uri))
 
 
 @app.command()
@@ -217,8 +294,6 @@ def promote(
     """Make VERSION the champion if it passes the gate (vs reference, then vs champion)."""
     quiet_libraries()
     try:
-        from flows.registry_cli import promote_by_hand
-
         cfg = load_config(config, set_ or [])
         outcome = promote_by_hand(cfg, workdir, name, version, force=force)
     except UserError as exc:
@@ -246,7 +321,7 @@ def sweep(
     """Run the pipeline for each β (x loss type) under one MLflow parent run, with the
     reward-KL frontier plot; validate, SFT and reference log-probs run once."""
     try:
-        from flows.sweep import child_configs, parse_list
+        from dpoflow.flows.sweep import child_configs, parse_list
 
         cfg = load_config(config, set_ or [])
         beta_list = parse_list(betas, "--betas", float)
@@ -254,17 +329,18 @@ def sweep(
         child_configs(cfg, beta_list, loss_list or [cfg.dpo.loss_type])  # refuse before running
         check_model_source(cfg.model.base)
         quiet_libraries()
-        from flows.sweep import beta_sweep
+        from dpoflow.flows.sweep import beta_sweep
 
-        summary = beta_sweep(
-            config=cfg.model_dump(mode="json"),
-            betas=beta_list,
-            loss_types=loss_list,
-            workdir=str(workdir),
-        )
+        with prefect_api(workdir):
+            summary = beta_sweep(
+                config=cfg.model_dump(mode="json"),
+                betas=beta_list,
+                loss_types=loss_list,
+                workdir=str(workdir),
+            )
     except UserError as exc:
         fail(str(exc))
-    from flows.sweep_print import print_sweep
+    from dpoflow.flows.sweep_print import print_sweep
 
     print_sweep(summary)
     write_summary(summary_json, summary)

@@ -20,11 +20,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from flows.config import PipelineConfig, describe_error
-from flows.errors import ConfigError
-from flows.pipeline import dpo_pipeline
-from tasks import sweep_report
-from tasks.tracking import client, experiment_id, log_params, tracking_uri
+from dpoflow.config import PipelineConfig, describe_error, resolve_config
+from dpoflow.errors import ConfigError
+from dpoflow.flows.pipeline import dpo_pipeline
+from dpoflow.tasks import sweep_report
+from dpoflow.tasks.tracking import client, experiment_id, log_params, tracking_uri
 
 
 def parse_list(text: str, option: str, cast: type = str) -> list:
@@ -84,7 +84,7 @@ def beta_sweep(
     """Run the pipeline once per (loss type, β) under one MLflow parent run; returns the
     sweep's summary: the parent run, each child's pipeline summary, the frontier plot."""
     started = time.perf_counter()
-    cfg = PipelineConfig.model_validate(config)
+    cfg = resolve_config(config)
     loss_types = loss_types or [cfg.dpo.loss_type]
     children = child_configs(cfg, betas, loss_types)
     logger = get_run_logger()

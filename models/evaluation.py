@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from models.generation import Sample, answer_texts, generate, load_causal_lm, sample
-from models.judges import Judge, PairwiseJudge, Verdict
-from models.logprobs import collate, sequence_logps
+from dpoflow.models.generation import Sample, answer_texts, generate, load_causal_lm, sample
+from dpoflow.models.judge_protocol import Judge, PairwiseJudge, Verdict
+from dpoflow.models.logprobs import collate, sequence_logps
 
 # Judge scores closer than this are a tie: float noise must not decide a comparison.
 TIE_TOLERANCE = 1e-9

@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flows.errors import ModelError
+from dpoflow.errors import ModelError
 
 # Mixes the batch index into the user's seed; a large prime keeps seeds of
 # neighbouring batches and neighbouring user seeds apart.
@@ -28,9 +28,10 @@ _SEED_STRIDE = 1_000_003
 
 
 def load_causal_lm(
-    path_or_name: str, *, dtype: torch.dtype = torch.float32
+    path_or_name: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for generation (eval mode, a pad token).
+    `revision` pins a hub model (a branch, tag or commit); a local folder ignores it.
 
     Failures become a `ModelError` with one sentence, because a wrong path is the
     usual cause and the user can fix it.
@@ -41,8 +42,8 @@ def load_causal_lm(
             "first, or fix the path in the config."
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, revision=revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"Cannot load a causal language model from {path_or_name!r} "

@@ -11,35 +11,11 @@ Two kinds, chosen by `eval.judge`:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any
 
-from flows.errors import ConfigError, ModelError
-
-# The first answer's verdict against the second; "unparseable" is counted, never guessed.
-Verdict = Literal["win", "tie", "loss", "unparseable"]
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """Anything with a ``name`` that scores (prompt, answer) pairs, higher is better."""
-
-    name: str
-
-    def score(self, prompts: list[str], answers: list[str]) -> list[float]: ...
-
-
-@runtime_checkable
-class PairwiseJudge(Protocol):
-    """Anything with a ``name`` that compares two answers to each prompt.
-
-    ``compare`` returns, per prompt, the verdict for ``answers_a`` against ``answers_b``.
-    """
-
-    name: str
-
-    def compare(
-        self, prompts: list[str], answers_a: list[str], answers_b: list[str]
-    ) -> list[Verdict]: ...
+from dpoflow.config import JUDGES
+from dpoflow.errors import ConfigError, ModelError
+from dpoflow.models.judge_protocol import Judge, PairwiseJudge
 
 
 def _check_pairs(prompts: list[str], answers: list[str]) -> None:
@@ -80,14 +56,21 @@ class RewardModelJudge:
 
     name = "reward_model"
 
-    def __init__(self, path_or_name: str, *, batch_size: int = 32, max_length: int = 512):
+    def __init__(
+        self,
+        path_or_name: str,
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        revision: str | None = None,
+    ):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+            self._tokenizer = AutoTokenizer.from_pretrained(path_or_name, revision=revision)
             self._model = AutoModelForSequenceClassification.from_pretrained(
-                path_or_name, dtype=torch.float32
+                path_or_name, revision=revision, dtype=torch.float32
             ).eval()
         except (OSError, ValueError) as exc:
             raise ModelError(
@@ -142,7 +125,7 @@ def _reward_model(section: dict[str, Any]) -> Judge:
 
 
 def _llm(section: dict[str, Any]) -> PairwiseJudge:
-    from models.llm_judge import LLMJudge
+    from dpoflow.models.llm_judge import LLMJudge
 
     llm = section.get("llm") or {}
     if not llm.get("base_url") or not llm.get("model"):
@@ -154,7 +137,7 @@ def _llm(section: dict[str, Any]) -> PairwiseJudge:
 
 
 _JUDGES = {"vader": _vader, "reward_model": _reward_model, "llm": _llm}
-JUDGE_NAMES = tuple(sorted(_JUDGES))
+assert set(_JUDGES) == set(JUDGES), "every judge the config accepts has a factory here"
 
 
 def make_judge(name: str, section: dict[str, Any] | None = None) -> Judge | PairwiseJudge:
@@ -163,6 +146,6 @@ def make_judge(name: str, section: dict[str, Any] | None = None) -> Judge | Pair
     try:
         factory = _JUDGES[name]
     except KeyError:
-        allowed = ", ".join(JUDGE_NAMES)
+        allowed = ", ".join(sorted(JUDGES))
         raise ConfigError(f"Unknown judge {name!r}; set judge to one of: {allowed}.") from None
     return factory(section or {})

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
+from dpoflow.config import LOSS_TYPES
+
 _NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo")
 
 

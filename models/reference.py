@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models.logprobs import pair_batch, sequence_logps, split_pair_logps, tokenize_example
+from dpoflow.models.logprobs import pair_batch, sequence_logps, split_pair_logps, tokenize_example
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,21 +28,24 @@ def compute_reference_logps(
     precision: str = "fp32",
     device: str | None = None,
     progress=None,
+    revision: str | None = None,
 ) -> dict:
     """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair.
 
     ``precision`` is the training's (fp32, bf16 or fp16): the reference runs with the weights
     the policy starts from, so the policy's log-ratio is zero before its first step. ``device``
-    defaults to the GPU when there is one.
+    defaults to the GPU when there is one. ``revision`` pins a hub model (ignored for a folder).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, revision=revision, dtype=DTYPES[precision]
+    )
     model = model.to(device).eval()
     with open(pairs_path, encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
@@ -68,7 +71,13 @@ def compute_reference_logps(
         chosen[rows], rejected[rows] = c, r
         if progress:
             progress(min(start + batch_size, len(pairs)), len(pairs))
-    return {"ids": [p["id"] for p in pairs], "chosen": chosen, "rejected": rejected}
+    return {"ids": pair_ids(pairs), "chosen": chosen, "rejected": rejected}
+
+
+def pair_ids(pairs: list[dict]) -> list[str]:
+    """Each pair's key in the stored log-probs: its `id` (the validate stage and the bench
+    write one), else its row number, so a file without ids still pairs up with itself."""
+    return [str(p.get("id", f"row-{i}")) for i, p in enumerate(pairs)]
 
 
 def _row_length(pair: tuple[list[int], list[int], list[int]]) -> int:

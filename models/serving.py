@@ -1,61 +1,40 @@
-"""Package a trained policy as an MLflow pyfunc model that generates text.
+"""Package a trained policy as an MLflow pyfunc model that generates text, without pickles.
 
-MLflow's transformers flavor lags behind the transformers release this project
-pins, so the model folder is logged as an artifact of a small custom
-`PythonModel` instead: it loads the folder with the same code the pipeline uses
-and samples with `models.generation.generate`. Loading the logged model needs
-this project (`dpoflow`) importable, which `mlflow models serve --env-manager
-local` from the project's environment provides.
+The model is logged with MLflow's models-from-code: `python_model` is the PATH of
+`served_model.py`, whose source is stored with the model, and the trained folder
+(`save_pretrained` files) is its one artifact. Nothing is cloudpickled, so loading a
+registered model unpickles nothing. `served_model.py` imports no `dpoflow`, so the model
+loads where only the serving stack is installed.
 
 MLflow is imported here only, so training and evaluation do not pay for it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.metadata import version
+from pathlib import Path, PurePosixPath
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
 
-from models.generation import generate, load_causal_lm
+from dpoflow.errors import ModelError
 
-DEFAULT_MAX_NEW_TOKENS = 32
-DEFAULT_TEMPERATURE = 1.0
+# The models-from-code file, named as a module so a stage's code version covers it even
+# though nothing imports it (importing it would register it with MLflow as a side effect).
+SERVED_MODEL_MODULE = "dpoflow.models.served_model"
+# The artifact key `served_model.py` reads the weights folder from.
+MODEL_DIR_ARTIFACT = "model_dir"
 # Pinned into the logged model so it is served with the stack it was tested on.
 _REQUIRED_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas")
 
 
-class TextGenerator(mlflow.pyfunc.PythonModel):
-    """pyfunc model: a DataFrame with a `prompt` column in, a `text` column of answers out.
-
-    Optional `max_new_tokens` and `temperature` columns set the sampling for the
-    whole request; the first row's value applies (one request = one setting keeps
-    batching simple).
-    """
-
-    def load_context(self, context) -> None:
-        self.model, self.tokenizer = load_causal_lm(context.artifacts["model_dir"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        prompts = [str(prompt) for prompt in model_input["prompt"]]
-        answers = generate(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=int(_first(model_input, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-            temperature=float(_first(model_input, "temperature", DEFAULT_TEMPERATURE)),
-        )
-        return pd.DataFrame({"text": answers})
-
-
-def _first(frame: pd.DataFrame, column: str, default):
-    """The column's first value, or `default` when the column is absent or that value is null."""
-    if column not in frame.columns or frame.empty or pd.isna(frame[column].iloc[0]):
-        return default
-    return frame[column].iloc[0]
+def served_model_file() -> Path:
+    """The path of `served_model.py`, found without importing it."""
+    return Path(importlib.util.find_spec(SERVED_MODEL_MODULE).origin)
 
 
 def generator_signature() -> ModelSignature:
@@ -83,9 +62,26 @@ def log_generator(model_dir: str, *, name: str = "policy") -> ModelInfo:
         raise RuntimeError("log_generator must be called inside an active MLflow run")
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=TextGenerator(),
-        artifacts={"model_dir": model_dir},
+        python_model=str(served_model_file()),
+        artifacts={MODEL_DIR_ARTIFACT: model_dir},
         signature=generator_signature(),
         input_example=pd.DataFrame({"prompt": ["This movie was"]}),
         pip_requirements=pinned_requirements(),
     )
+
+
+def download_model_dir(model_uri: str, dst: str | Path) -> Path:
+    """Download only the weights folder of a logged generator (`models:/name/version`, say)
+    into `dst` and return its path: the caller loads it with transformers, and no code stored
+    with the model runs."""
+    mlmodel = mlflow.artifacts.download_artifacts(f"{model_uri}/MLmodel", dst_path=str(dst))
+    pyfunc = Model.load(mlmodel).flavors.get("python_function", {})
+    folder = pyfunc.get("artifacts", {}).get(MODEL_DIR_ARTIFACT, {}).get("path", "")
+    # Only a folder under the model's own `artifacts/`: the MLmodel file is registry data.
+    parts = PurePosixPath(folder).parts
+    if len(parts) < 2 or parts[0] != "artifacts" or ".." in parts:
+        raise ModelError(
+            f"{model_uri} has no '{MODEL_DIR_ARTIFACT}' weights folder, so it was not logged "
+            "by dpoflow's log_generator: register a model the pipeline trained instead."
+        )
+    return Path(mlflow.artifacts.download_artifacts(f"{model_uri}/{folder}", dst_path=str(dst)))

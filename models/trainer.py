@@ -1,6 +1,6 @@
 """The training loop for SFT and DPO, one file, run under the `deepspeed` launcher.
 
-    deepspeed --num_gpus N --module models.trainer --job job.json
+    deepspeed --num_gpus N --module dpoflow.models.trainer --job job.json
 
 The job file (written by `tasks/launcher.py`) says what to train: `kind` is
 "sft" (NLL of answer tokens) or "dpo" (the preference loss against a frozen
@@ -21,23 +21,44 @@ follows the 1-process loss curve.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
+import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from models.cpu_memory import add_embedding_grads_in_place, heap_trimmer
-from models.logprobs import collate, pair_batch, sequence_logps, split_pair_logps, tokenize_example
-from models.losses import preference_loss
+from dpoflow.models.cpu_memory import add_embedding_grads_in_place, heap_trimmer
+from dpoflow.models.logprobs import (
+    collate,
+    pair_batch,
+    sequence_logps,
+    split_pair_logps,
+    tokenize_example,
+)
+from dpoflow.models.losses import preference_loss
+from dpoflow.models.reference import pair_ids
 
-INFRA = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+# infra/deepspeed/ is installed as the data package `dpoflow.deepspeed` (pyproject.toml).
+INFRA = Path(str(resources.files("dpoflow.deepspeed")))
+# Beside each checkpoint tag: {file: sha256} of its files, written once the checkpoint is whole.
+CHECKPOINT_HASHES = "sha256.json"
+# Beside the job file: why the job refused to run, read by tasks/launcher.py (same name there).
+JOB_ERROR = "error.json"
+
+
+class CheckpointRefused(Exception):
+    """The checkpoint to resume from fails its sha256 check; the message is one sentence."""
 
 
 # ---------------------------------------------------------------- data
@@ -243,24 +264,60 @@ def import_deepspeed():
     return deepspeed
 
 
+@contextlib.contextmanager
+def shm_op_skipped_when_alone():
+    """Around `deepspeed.init_distributed`: in a one-process job, do not build DeepSpeed's
+    shared-memory communication op.
+
+    On the CPU accelerator DeepSpeed's TorchBackend builds that op (a C++ compile of minutes
+    the first time, then a load) on every start. Its only use is `inference_all_reduce`
+    (tensor-parallel layers) between the processes of a node, which returns before touching
+    it when the world size is 1. So one process has nothing to share memory with, and None
+    (what DeepSpeed itself uses where the op is incompatible) changes nothing else.
+    Multi-process jobs still load it; `make setup` builds it once into the extensions cache.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        yield
+        return
+    import importlib
+
+    # By name: `deepspeed.comm.torch` as an attribute is the torch package itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
+
+
 def train(job: dict) -> dict:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     deepspeed = import_deepspeed()
     t_start = time.time()
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    with shm_op_skipped_when_alone():
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = job["train"]
-    torch.manual_seed(cfg["seed"])
     out_dir, ckpt_dir = Path(job["output_dir"]), Path(job["checkpoint_dir"])
     metrics_path = Path(job["metrics_path"])
+    # Before anything is loaded: a damaged checkpoint ends the job at once, on every rank.
+    resume_tag = latest_checkpoint(ckpt_dir)
+    if resume_tag is not None:
+        verify_checkpoint(ckpt_dir, resume_tag, rank, world, dist)
+    torch.manual_seed(cfg["seed"])
 
-    tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
+    # The hub revision of a hub model (None for a local folder: the folder is what it is).
+    revision = job.get("model_revision")
+    tokenizer = AutoTokenizer.from_pretrained(job["model_path"], revision=revision)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        job["model_path"], revision=revision, dtype=torch.float32
+    )
     if cfg["gradient_checkpointing"]:  # recompute activations: less memory, more time
         model.gradient_checkpointing_enable()
     pairs = read_pairs(job["data_path"])
@@ -273,7 +330,9 @@ def train(job: dict) -> dict:
         if job.get("reference_logps_path"):
             reference_logps = load_reference_logps(job["reference_logps_path"], pairs)
         else:
-            reference_model = AutoModelForCausalLM.from_pretrained(job["model_path"]).eval()
+            reference_model = AutoModelForCausalLM.from_pretrained(
+                job["model_path"], revision=revision
+            ).eval()
             reference_model.requires_grad_(False)
             if torch.cuda.is_available():
                 reference_model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -301,8 +360,8 @@ def train(job: dict) -> dict:
             add_embedding_grads_in_place(engine.module)
 
     start_step = 0
-    if (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if resume_tag is not None:
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
         start_step = int(client_state["step"])
         torch.set_rng_state(client_state["rng"])
     if rank == 0:
@@ -415,7 +474,7 @@ def load_reference_logps(path: str, pairs: list[dict]) -> dict[str, torch.Tensor
     """Reference log-probs stored by example id, re-ordered to this data's order."""
     stored = torch.load(path)
     row = {example_id: i for i, example_id in enumerate(stored["ids"])}
-    order = torch.tensor([row[p["id"]] for p in pairs])
+    order = torch.tensor([row[example_id] for example_id in pair_ids(pairs)])
     return {"chosen": stored["chosen"][order], "rejected": stored["rejected"][order]}
 
 
@@ -451,16 +510,102 @@ def truncate_metrics(path: Path, start_step: int) -> None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int) -> None:
-    """A resume point. DeepSpeed writes `latest` only after the checkpoint is complete."""
+    """A resume point: the checkpoint, then its files' sha256, then `latest` naming it.
+
+    `latest` is written here rather than by DeepSpeed so that it only ever names a checkpoint
+    whose hashes are recorded: a kill in between leaves the previous checkpoint to resume from.
+    """
+    tag = f"step{step}"
     engine.save_checkpoint(
-        str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "rng": torch.get_rng_state()}
+        str(ckpt_dir),
+        tag=tag,
+        client_state={"step": step, "rng": torch.get_rng_state()},
+        save_latest=False,
     )
-    if rank == 0:  # keep the newest two: the latest, and one in case it is damaged
+    # DeepSpeed's save ends with a barrier, so every rank's files of this tag are complete.
+    if rank == 0:
+        write_atomic(ckpt_dir / tag / CHECKPOINT_HASHES, json.dumps(file_hashes(ckpt_dir / tag)))
+        write_atomic(ckpt_dir / "latest", tag)
+        # keep the newest two: the latest, and one in case it is damaged
         tags = sorted(
             (p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:])
         )
         for old in tags[:-2]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a reader never sees it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The files of a checkpoint tag (relative, sorted), its hash file aside."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != CHECKPOINT_HASHES
+    )
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {name: sha256_of(folder / name) for name in checkpoint_files(folder)}
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None when there is nothing to resume from."""
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def verify_checkpoint(ckpt_dir: Path, tag: str, rank: int, world: int, dist) -> None:
+    """Raise CheckpointRefused unless every file of the checkpoint matches its recorded sha256.
+
+    DeepSpeed loads checkpoints with torch.load(weights_only=False), which runs whatever a
+    pickle says, from a work directory a team shares: a file changed since it was written is
+    never loaded. Each rank hashes a share of the files; any mismatch stops every rank.
+    """
+    folder = ckpt_dir / tag
+    start_over = f"delete {ckpt_dir.parent} to start this stage over"
+    hashes = folder / CHECKPOINT_HASHES
+    if not re.fullmatch(r"step\d+", tag) or not hashes.is_file():
+        raise CheckpointRefused(
+            f"checkpoint {folder} has no {CHECKPOINT_HASHES} recorded when it was written, so "
+            f"it cannot be verified and was not resumed: {start_over}."
+        )
+    try:
+        recorded = json.loads(hashes.read_text())
+    except ValueError:
+        recorded = {}
+    names = sorted(set(recorded) | set(checkpoint_files(folder)))
+    mismatched = [
+        name
+        for name in names[rank::world]
+        if not (folder / name).is_file() or recorded.get(name) != sha256_of(folder / name)
+    ]
+    flag = torch.tensor([float(bool(mismatched) or not recorded)])
+    if world > 1:
+        if torch.cuda.is_available():  # NCCL reduces GPU tensors only
+            flag = flag.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        raise CheckpointRefused(
+            f"checkpoint {folder} does not match the sha256 recorded when it was written (a file "
+            f"was changed, added or removed), so it was not resumed: {start_over}."
+        )
 
 
 def save_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) -> None:
@@ -482,7 +627,20 @@ def main() -> None:
     threads = os.environ.get("DPOFLOW_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    train(json.loads(Path(args.job).read_text()))
+    try:
+        train(json.loads(Path(args.job).read_text()))
+    except CheckpointRefused as refusal:
+        # Not a crash to retry: the same files would be refused again. The launcher reads
+        # the sentence from JOB_ERROR and raises it as the user's error.
+        if int(os.environ.get("RANK", "0")) == 0:
+            error = {"error": "checkpoint", "message": str(refusal)}
+            write_atomic(Path(args.job).with_name(JOB_ERROR), json.dumps(error))
+        print(f"[error] {refusal}", flush=True)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
 
 
 if __name__ == "__main__":

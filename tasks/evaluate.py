@@ -1,23 +1,16 @@
-"""Stage 4: win rate of the trained policy against the reference, judged."""
+"""Stage 5: win rate of the trained policy against the reference, judged."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-from tasks.common import build_once, stage_task
-from tasks.stage import write_json_atomic
-from tasks.tracking import client, tracking_uri
+from dpoflow.tasks.common import Stage, build_once, dump, in_prefect_run, stage_logger, stage_task
+from dpoflow.tasks.stage import write_json_atomic
+from dpoflow.tasks.tracking import client, tracking_uri
 
 JUDGED_LOG = "judged.jsonl"
 EVAL_METRICS = ("win_rate", "reward_policy", "reward_reference", "kl", "kl_stderr", "unparseable")
-
-
-def read_prompts(path: Path, limit: int) -> list[str]:
-    return [row["prompt"] for row in read_prompt_rows(path, limit)]
 
 
 def read_prompt_rows(path: Path, limit: int) -> list[dict]:
@@ -61,30 +54,42 @@ def log_evaluation(uri: str, run_id: str, result: dict, partial: Path) -> None:
         mlflow.log_artifact(str(partial / "report.md"), artifact_path="eval")
 
 
-@stage_task("evaluate")
-def evaluate(
-    key: str,
-    workdir: str,
-    section: dict,
-    mlflow_cfg: dict,
-    dpo_manifest: dict,
-    sft_manifest: dict,
-    data_manifest: dict,
-    inputs: dict,
-) -> dict:
-    from models.evaluation import JudgedLog, evaluate_policy, markdown_report
-    from models.judges import make_judge
+def publish_artifacts(report: str, samples: list[dict], judge: str) -> None:
+    """The report and the samples as Prefect artifacts: a courtesy, never a reason to fail."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    logger = get_run_logger()
+    try:
+        create_markdown_artifact(key="win-rate", markdown=report, description="policy vs reference")
+        create_table_artifact(
+            key="eval-samples",
+            table=samples_table(samples),
+            description=f"policy vs reference answers, judge {judge}",
+        )
+    except Exception as exc:
+        stage_logger().warning(
+            "the win-rate and eval-samples artifacts were not published (%s)", exc
+        )
+
+
+@stage_task("evaluate")
+def evaluate(key: str, workdir: str, section: dict, upstream: dict) -> dict:
+    from dpoflow.models.evaluation import JudgedLog, evaluate_policy, markdown_report
+    from dpoflow.models.judges import make_judge
+
+    logger = stage_logger()
+    ev = section["eval"]
+    dpo_manifest, sft_manifest = upstream["dpo"], upstream["sft"]
 
     def build(partial: Path) -> dict:
         rows = read_prompt_rows(
-            Path(data_manifest["path"]) / "eval_prompts.jsonl", section["num_prompts"]
+            Path(upstream["validate"]["path"]) / "eval_prompts.jsonl", ev["num_prompts"]
         )
         prompts = [row["prompt"] for row in rows]
         # The dataset's chosen answers, when the eval prompt file carries them.
         chosen = [row.get("chosen") for row in rows] if any("chosen" in r for r in rows) else None
-        logger.info("evaluating on %d held-out prompts, judge %s", len(prompts), section["judge"])
+        logger.info("evaluating on %d held-out prompts, judge %s", len(prompts), ev["judge"])
         # Judged chunks so far: kept in the partial folder across retries and re-runs.
         progress = JudgedLog(partial / JUDGED_LOG)
         if progress.resumed_prompts:
@@ -95,17 +100,17 @@ def evaluate(
             str(Path(dpo_manifest["path"]) / dpo_manifest["model"]),
             str(Path(sft_manifest["path"]) / sft_manifest["model"]),
             prompts,
-            make_judge(section["judge"], section),
-            max_new_tokens=section["max_new_tokens"],
-            temperature=section["temperature"],
-            top_p=section["top_p"],
-            batch_size=section["batch_size"],
-            seed=section["seed"],
-            temperatures=section.get("temperatures"),
+            make_judge(ev["judge"], ev),
+            max_new_tokens=ev["max_new_tokens"],
+            temperature=ev["temperature"],
+            top_p=ev["top_p"],
+            batch_size=ev["batch_size"],
+            seed=ev["seed"],
+            temperatures=ev.get("temperatures"),
             chosen=chosen,
             progress=progress,
         )
-        report = markdown_report(result, title=f"Win rate of {dpo_manifest['stage']} policy")
+        report = markdown_report(result, title="Win rate of dpo policy")
         (partial / "report.md").write_text(report)
         with open(partial / "samples.jsonl", "w", encoding="utf-8") as f:
             for sample in result["samples"]:
@@ -113,22 +118,12 @@ def evaluate(
         figures = {k: v for k, v in result.items() if k != "samples"}
         write_json_atomic(partial / "result.json", figures)
         log_evaluation(
-            tracking_uri(mlflow_cfg["tracking_uri"], workdir),
+            tracking_uri(section["mlflow"]["tracking_uri"], workdir),
             dpo_manifest["mlflow_run_id"],
             result,
             partial,
         )
-        try:
-            create_markdown_artifact(
-                key="win-rate", markdown=report, description="policy vs reference"
-            )
-            create_table_artifact(
-                key="eval-samples",
-                table=samples_table(result["samples"]),
-                description=f"policy vs reference answers, judge {section['judge']}",
-            )
-        except Exception:  # an artifact is a courtesy; never fail the evaluation over it
-            pass
+        publish_artifacts(report, result["samples"], ev["judge"])
         low, high = result["win_rate_ci"]
         logger.info(
             "win rate %.3f [%.3f, %.3f], KL %.3f, reward %.3f vs %.3f",
@@ -143,11 +138,21 @@ def evaluate(
         # samples.jsonl holds what it held, in order.
         (partial / JUDGED_LOG).unlink()
         return {
-            "config": section,
-            "inputs": inputs,
-            "judge": section["judge"],
+            "judge": ev["judge"],
             "resumed_judged_prompts": progress.resumed_prompts,
             **figures,
         }
 
-    return build_once("evaluate", key, workdir, build)
+    return build_once("evaluate", key, workdir, section, upstream, build)
+
+
+STAGE = Stage(
+    name="evaluate",
+    task=evaluate,
+    reads=lambda cfg, _: {"eval": dump(cfg.eval), "mlflow": dump(cfg.mlflow)},
+    inputs={
+        "policy": "dpo.sha256",
+        "reference": "sft.sha256",
+        "prompts": "validate.prompts_sha256",
+    },
+)

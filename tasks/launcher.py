@@ -22,13 +22,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.errors import ConfigError
+from dpoflow.errors import CheckpointError, ConfigError, UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The training loop, run by name under the launcher (a string: it is imported in the child only).
+TRAINER = "dpoflow.models.trainer"
+# Beside job.json: why the job refused to run (models/trainer.py's JOB_ERROR).
+JOB_ERROR = "error.json"
 
 
 class TrainingFailed(RuntimeError):
     """The training process exited non-zero (retryable: it resumes from its checkpoint)."""
+
+
+class TrainingTimedOut(UserError):
+    """Training ran past `distributed.timeout_seconds`. The user's limit is final: a retry
+    would start a fresh timeout and let the job run up to three times as long."""
 
 
 def free_port() -> int:
@@ -54,12 +63,11 @@ def launcher_command(job_path: Path, distributed: dict) -> list[str]:
     if distributed.get("hostfile"):  # a cluster: DeepSpeed's own multi-node launcher
         cmd += ["--hostfile", distributed["hostfile"], "--num_nodes", str(distributed["num_nodes"])]
     cmd += ["--num_gpus", str(distributed.get("num_gpus") or distributed["num_processes"])]
-    return cmd + ["--module", "models.trainer", "--job", str(job_path)]
+    return cmd + ["--module", TRAINER, "--job", str(job_path)]
 
 
 def child_env(distributed: dict) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     if not distributed.get("num_gpus"):
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -100,11 +108,14 @@ def run_training(
     on_metrics: Callable[[list[dict]], None],
     timeout_seconds: float | None = None,
 ) -> dict:
-    """Launch the job, stream it, return its result.json; raise TrainingFailed on failure."""
+    """Launch the job, stream it, return its result.json; raise TrainingFailed on failure,
+    CheckpointError when the job refused the checkpoint it was to resume from, and
+    TrainingTimedOut past `timeout_seconds` (the job's process group is ended either way)."""
     check_batch_layout(job["train"], job["distributed"])
     job = {**job, "owner_pid": os.getpid()}  # the job stops itself if this process is killed
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
+    (work / JOB_ERROR).unlink(missing_ok=True)  # an earlier attempt's, not this one's
     cmd = launcher_command(job_path, job["distributed"])
     log("launch: " + " ".join(cmd))
     proc = subprocess.Popen(
@@ -133,7 +144,11 @@ def run_training(
         while proc.poll() is None:
             metrics.poll()
             if deadline and time.monotonic() > deadline:
-                raise TimeoutError(f"training ran past its {timeout_seconds:.0f} s timeout")
+                raise TrainingTimedOut(
+                    f"{job['kind']} training ran past distributed.timeout_seconds "
+                    f"({timeout_seconds:g} s) and was stopped: raise distributed.timeout_seconds, "
+                    "or unset it, and run again (training resumes from its last checkpoint)."
+                )
             time.sleep(1.0)
         reader.join(timeout=5)
         metrics.poll()
@@ -141,11 +156,23 @@ def run_training(
         end_process_group(proc)
     result_path = Path(job["output_dir"]) / "result.json"
     if proc.returncode != 0 or not result_path.is_file():
+        refusal = job_refusal(work / JOB_ERROR)
+        if refusal:  # the job's own sentence: a user error, a retry would be refused the same
+            raise CheckpointError(refusal)
         raise TrainingFailed(
             f"{job['kind']} training exited with code {proc.returncode}; last lines:\n"
             + "\n".join(tail)
         )
     return json.loads(result_path.read_text())
+
+
+def job_refusal(path: Path) -> str | None:
+    """The sentence a job wrote when it refused to resume from a checkpoint, if it did."""
+    try:
+        error = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return error.get("message") if error.get("error") == "checkpoint" else None
 
 
 def end_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

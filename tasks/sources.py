@@ -9,13 +9,16 @@ else is a local path or a hub name, passed through untouched.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from filelock import FileLock
 
-from flows.errors import ConfigError, ModelError
-from tasks.stage import code_version, content_hash
+from dpoflow.config import PipelineConfig
+from dpoflow.errors import ConfigError, ModelError
+from dpoflow.tasks.code_version import code_version
+from dpoflow.tasks.stage import content_hash
 
 EMBEDDED_DATA = "embedded:imdb"
 EMBEDDED_MODEL = "embedded:tiny-llama"
@@ -28,9 +31,9 @@ def embedded_dir(workdir: str | Path) -> Path:
 
 def ensure_embedded_data(workdir: str | Path) -> Path:
     """The embedded IMDb-style preference data (train.jsonl, eval_prompts.jsonl)."""
-    from data_checks.embedded_imdb import write_embedded_dataset
+    from dpoflow.data_checks.embedded_imdb import write_embedded_dataset
 
-    version = code_version("data_checks/embedded_imdb.py")
+    version = code_version("dpoflow.data_checks.embedded_imdb")
     out = embedded_dir(workdir) / f"imdb-{version}"
     with FileLock(str(out) + ".lock"):
         if not (out / "eval_prompts.jsonl").is_file():
@@ -40,10 +43,11 @@ def ensure_embedded_data(workdir: str | Path) -> Path:
 
 def ensure_embedded_model(workdir: str | Path) -> Path:
     """The embedded tiny Llama, its tokenizer trained on the embedded corpus."""
-    from models.tiny_llama import build_tiny_llama
+    from dpoflow.models.tiny_llama import build_tiny_llama
 
     data = ensure_embedded_data(workdir)
-    version = code_version("models/tiny_llama.py", "data_checks/embedded_imdb.py")
+    # Rebuilt when its code or the corpus its tokenizer learns from changes.
+    version = code_version("dpoflow.models.tiny_llama")[:8] + data.name.removeprefix("imdb-")[:8]
     out = embedded_dir(workdir) / f"tiny-llama-{version}"
     with FileLock(str(out) + ".lock"):
         if not (out / "config.json").is_file():
@@ -100,9 +104,55 @@ def check_model_source(source: str) -> Path | None:
     return None
 
 
-def fingerprint(resolved: str, revision: str | None = None) -> str:
-    """Content hash of a local file or folder; name@revision for a hub name."""
+def fingerprint(resolved: str, revision: str | None = None, *, repo_type: str = "model") -> str:
+    """Content hash of a local file or folder; for a hub name, `hub:name@<commit>`: the
+    commit `revision` (a branch, tag or sha; main by default) resolves to now, so a repo
+    updated on the hub gets a new fingerprint. Offline, or when the hub cannot be asked,
+    `hub:name@<revision>` (logged: an update under the same revision then goes unseen)."""
     path = Path(resolved)
     if path.exists():
         return content_hash(path)
-    return f"hub:{resolved}@{revision or 'main'}"
+    commit = hub_commit(resolved, revision, repo_type)
+    return f"hub:{resolved}@{commit or revision or 'main'}"
+
+
+def hub_commit(name: str, revision: str | None, repo_type: str) -> str | None:
+    """The commit sha `revision` of a hub repo resolves to, or None (offline, or a failure)."""
+    from dpoflow.tasks.common import stage_logger
+
+    fallback = f"fingerprinting {repo_type} '{name}' by its revision name"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        stage_logger().info("HF_HUB_OFFLINE is set: %s, not its commit", fallback)
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().repo_info(name, revision=revision, repo_type=repo_type, timeout=10).sha
+    except Exception as exc:  # noqa: BLE001 - the hub raises many unrelated types
+        # The class and first line only: the hub's messages carry no token, but stay short.
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        stage_logger().warning("the hub did not resolve a commit (%s): %s", reason, fallback)
+        return None
+
+
+def resolve_sources(cfg: PipelineConfig, workdir: str | Path) -> dict[str, dict[str, str]]:
+    """The pipeline's three inputs as manifests the stages read like any other: `path` to
+    read, `sha256` to key on (`base_model`, `train_data`, `eval_data`)."""
+    model = resolve_model(cfg.model.base, workdir)
+    train = resolve_data(cfg.data.train, workdir)
+    eval_prompts = resolve_data(cfg.data.eval_prompts, workdir, eval_prompts=True)
+    return {
+        "base_model": {
+            "path": model,
+            "sha256": fingerprint(model, cfg.model.revision),
+            "revision": cfg.model.revision,
+        },
+        "train_data": {
+            "path": train,
+            "sha256": fingerprint(train, cfg.data.revision, repo_type="dataset"),
+        },
+        "eval_data": {
+            "path": eval_prompts,
+            "sha256": fingerprint(eval_prompts, repo_type="dataset"),
+        },
+    }

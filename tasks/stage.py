@@ -21,7 +21,6 @@ from typing import Any
 
 from filelock import FileLock
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"
 
 
@@ -47,21 +46,8 @@ def content_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_version(*modules: str) -> str:
-    """Hash of the source of the modules a stage runs (`models/trainer.py`, ...).
-
-    Prefect's TASK_SOURCE hashes only the task function itself; a change in the
-    training loop it calls must invalidate the cache too.
-    """
-    h = hashlib.sha256()
-    for module in sorted(modules):
-        h.update(module.encode())
-        h.update((PROJECT_ROOT / module).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def stage_key(stage: str, section: dict[str, Any], inputs: dict[str, str], code: str) -> str:
-    """The cache key: config section + content hashes of the inputs + code version."""
+    """The cache key: config section + content hashes of the inputs + code version (hex)."""
     blob = json.dumps(
         {"stage": stage, "config": section, "inputs": inputs, "code": code}, sort_keys=True
     )
@@ -90,23 +76,28 @@ class StageDir:
         return FileLock(str(self.final) + ".lock")
 
     def existing(self) -> dict[str, Any] | None:
+        """The finished output's manifest, or None. Its `path` is where the output is now, so a
+        work directory can be moved or copied and its outputs still found."""
         manifest = self.final / MANIFEST
-        return json.loads(manifest.read_text()) if manifest.is_file() else None
+        if not manifest.is_file():
+            return None
+        return json.loads(manifest.read_text()) | {"path": str(self.final)}
 
     def begin(self) -> Path:
         """The `.partial` folder to build in; what an earlier attempt left there is kept."""
         self.partial.mkdir(parents=True, exist_ok=True)
         return self.partial
 
-    def commit(self, section: dict[str, Any], inputs: dict[str, str], **extra: Any) -> dict:
-        """Write the manifest into the partial folder and rename it into place."""
+    def commit(self, section: dict[str, Any], made_from: dict[str, str], **extra: Any) -> dict:
+        """Write the manifest into the partial folder and rename it into place; `made_from`
+        names the upstream outputs (their keys or content hashes)."""
         manifest = {
             "stage": self.stage,
             "key": self.key,
             "path": str(self.final),
             "sha256": content_hash(self.partial),
             "config": section,
-            "inputs": inputs,
+            "made_from": made_from,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }

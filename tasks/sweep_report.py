@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpoflow.tasks.common import in_prefect_run, stage_logger
+
 FIGURE = "sweep/frontier.png"
 TABLE = "sweep/children.json"
 
@@ -35,6 +37,19 @@ def children_rows(summaries: list[dict]) -> list[dict]:
 
 def frontier_figure(rows: list[dict], path: Path) -> Path:
     """Reward against KL (each point labelled β) and win rate against β, as one PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_frontier(rows)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_frontier(rows: list[dict]):
+    """The figure itself: left, one line per loss type through (KL, mean reward) of its
+    children in KL order; right, win rate against β with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file only
@@ -70,20 +85,15 @@ def frontier_figure(rows: list[dict], path: Path) -> Path:
     by_beta.set_title("win rate against β")
     frontier.legend()
     by_beta.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report(uri: str, parent_run_id: str, summaries: list[dict], out_dir: Path) -> dict:
     """Plot, then log the figure and the children table to the parent run and to Prefect."""
     import mlflow
     import pandas as pd
-    from prefect.artifacts import create_table_artifact
 
-    from tasks.tracking import client
+    from dpoflow.tasks.tracking import client
 
     rows = children_rows(summaries)
     figure = frontier_figure(rows, out_dir / parent_run_id / "frontier.png")
@@ -92,10 +102,20 @@ def report(uri: str, parent_run_id: str, summaries: list[dict], out_dir: Path) -
         mlflow.log_artifact(str(figure), artifact_path=str(Path(FIGURE).parent))
         mlflow.log_table(pd.DataFrame(rows), artifact_file=TABLE)
         artifact_uri = mlflow.get_artifact_uri(FIGURE)
+    publish_table(rows)
+    return {"rows": rows, "figure": str(figure), "figure_artifact": artifact_uri}
+
+
+def publish_table(rows: list[dict]) -> None:
+    """The children table as a Prefect artifact: a courtesy, never a reason to fail the sweep,
+    but a skipped one is said, not swallowed."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
     try:
         create_table_artifact(
             key="beta-sweep", table=rows, description="β sweep: one row per child run"
         )
-    except Exception:  # an artifact is a courtesy; never fail the sweep over it
-        pass
-    return {"rows": rows, "figure": str(figure), "figure_artifact": artifact_uri}
+    except Exception as exc:
+        stage_logger().warning("the beta-sweep table artifact was not published (%s)", exc)

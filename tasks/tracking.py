@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from flows.errors import ServerError
+from dpoflow.errors import ServerError
+
+T = TypeVar("T")
 
 
 def tracking_uri(configured: str | None, workdir: str | Path) -> str:
@@ -35,9 +37,29 @@ def require_server(uri: str, *, timeout: float = 5.0) -> None:
         ) from exc
 
 
+# How MLflow's message reads when the server gave no answer at all (refused, dropped, slow),
+# as opposed to an answer that is an error (500 after retries, 403): that one is a ServerError
+# with MLflow's code (`registry_lookup`).
+NO_ANSWER = (
+    "failed to establish",
+    "connection refused",
+    "connection aborted",
+    "remotedisconnected",
+    "timed out",
+    "timeout",
+)
+
+
+def unreachable(exc: Exception) -> bool:
+    """An MLflow failure that says the server did not answer (not that it answered badly)."""
+    text = str(exc).lower()
+    return any(sign in text for sign in NO_ANSWER)
+
+
 @contextmanager
 def server_errors(uri: str, doing: str, keep_note: str = "") -> Iterator[None]:
-    """Turn "cannot reach the tracking server" into one clear, retryable ServerError."""
+    """Turn "cannot reach the tracking server" into one clear, retryable ServerError; a
+    ServerError raised inside (a registry failure) gets `keep_note` too."""
     import requests
     from mlflow.exceptions import MlflowException
 
@@ -46,16 +68,50 @@ def server_errors(uri: str, doing: str, keep_note: str = "") -> Iterator[None]:
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         reason = type(exc).__name__
     except MlflowException as exc:
-        text = str(exc)
-        if "connect" not in text.lower() and "max retries" not in text.lower():
+        if not unreachable(exc):
             raise
         reason = "no answer to its API requests"  # MLflow's own message is a long URL dump
+    except ServerError as exc:
+        if not keep_note:
+            raise
+        raise ServerError(f"{str(exc).rstrip('.')}{keep_note}.") from exc
     else:
         return
     raise ServerError(
         f"MLflow at {uri} could not be reached while {doing} ({reason}): start the server or "
         f"fix MLFLOW_TRACKING_URI / mlflow.tracking_uri{keep_note}."
     )
+
+
+# What MLflow answers when a registry look-up finds nothing, on a SQLite store and over HTTP
+# alike (checked against MLflow 3.17): a missing version or model is RESOURCE_DOES_NOT_EXIST,
+# a missing alias (and a version that is not a number) INVALID_PARAMETER_VALUE. Anything else
+# (INTERNAL_ERROR for a 500 or a dropped connection, PERMISSION_DENIED for a 403, ...) is the
+# server failing, never "absent": read as absent it would skip the head-to-head and move
+# `champion`, or register a duplicate version.
+NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def registry_lookup(
+    call: Callable[[], T], doing: str, *, absent: frozenset[str] = NOT_FOUND
+) -> T | None:
+    """`call()`, or None when MLflow answers with one of the `absent` codes; any other MLflow
+    failure is a ServerError (retryable), so a server in trouble is never taken for absence."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as exc:
+        if exc.error_code in absent:
+            return None
+        if unreachable(exc):
+            raise  # no answer at all: `server_errors` names the server and the fix
+        # The code, not MLflow's message: that one dumps the URL and the response body.
+        raise ServerError(
+            f"the MLflow registry failed while {doing} ({exc.error_code}): check that the "
+            "tracking server is up and that your credentials may use its model registry, "
+            "then run again."
+        ) from exc
 
 
 def client(uri: str):

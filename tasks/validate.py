@@ -11,12 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact
-
-from flows.errors import DataError
-from tasks.common import build_once, stage_task
-from tasks.stage import sha256_file
+from dpoflow.errors import DataError
+from dpoflow.tasks.common import Stage, build_once, dump, in_prefect_run, stage_logger, stage_task
+from dpoflow.tasks.stage import sha256_file
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -25,28 +22,12 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def validate_data(
-    partial: Path,
-    data: dict[str, Any],
-    train: str,
-    eval_prompts: str,
-    model_path: str,
-    max_length: int,
-) -> dict[str, Any]:
-    """Load, validate, and write `pairs.jsonl` + `eval_prompts.jsonl` into `partial`."""
-    from transformers import AutoTokenizer
+def publish_report(report, train: str) -> None:
+    """The suite's outcome as a Prefect table artifact: a courtesy, never a reason to fail."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
 
-    from data_checks.suite import load_and_validate
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)  # lengths as the run will see them
-    pairs, prompts, report = load_and_validate(
-        train,
-        eval_prompts,
-        data,
-        tokenizer=tokenizer,  # renders conversational data with its chat template
-        max_length=max_length,
-        report_dir=partial / "report",
-    )
     try:
         create_table_artifact(
             key="data-validation",
@@ -62,8 +43,51 @@ def validate_data(
             ],
             description=f"Great Expectations on {train}: {report.n_rows} rows",
         )
-    except Exception:  # an artifact is a courtesy; never fail validation over it
-        pass
+    except Exception as exc:
+        stage_logger().warning("the data-validation artifact was not published (%s)", exc)
+
+
+def check_data(
+    data: dict[str, Any],
+    train: str,
+    eval_prompts: str,
+    base_model: dict[str, str],
+    max_length: int,
+    report_dir: Path | None = None,
+):
+    """The suite on the data as the run will see it: what `dpoflow validate` and this stage
+    both do, so they give one verdict. The base model's tokenizer renders conversational
+    data with its chat template and measures lengths. Returns (pairs, prompts, report)."""
+    from transformers import AutoTokenizer
+
+    from dpoflow.data_checks.suite import load_and_validate
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        base_model["path"], revision=base_model.get("revision")
+    )
+    return load_and_validate(
+        train,
+        eval_prompts,
+        data,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        report_dir=report_dir,
+    )
+
+
+def validate_data(
+    partial: Path,
+    data: dict[str, Any],
+    train: str,
+    eval_prompts: str,
+    base_model: dict[str, str],
+    max_length: int,
+) -> dict[str, Any]:
+    """Load, validate, and write `pairs.jsonl` + `eval_prompts.jsonl` into `partial`."""
+    pairs, prompts, report = check_data(
+        data, train, eval_prompts, base_model, max_length, report_dir=partial / "report"
+    )
+    publish_report(report, train)
     if not report.success:
         raise DataError(f"{report.summary_message()} (report: {partial / 'report'})")
     write_jsonl(
@@ -73,6 +97,7 @@ def validate_data(
     write_jsonl(partial / "eval_prompts.jsonl", prompts[keep].to_dict("records"))
     return {
         "data_sha256": sha256_file(partial / "pairs.jsonl"),
+        "prompts_sha256": sha256_file(partial / "eval_prompts.jsonl"),
         "n_pairs": len(pairs),
         "n_eval_prompts": len(prompts),
         "validation_success": True,
@@ -81,22 +106,34 @@ def validate_data(
 
 
 @stage_task("validate", retries=0)
-def validate(
-    key: str,
-    workdir: str,
-    data: dict,
-    train: str,
-    eval_prompts: str,
-    model_path: str,
-    max_length: int,
-    inputs: dict,
-) -> dict:
-    logger = get_run_logger()
+def validate(key: str, workdir: str, section: dict, upstream: dict) -> dict:
+    logger = stage_logger()
+    train = upstream["train_data"]["path"]
 
     def build(partial: Path) -> dict:
         logger.info("validating %s", train)
-        extra = validate_data(partial, data, train, eval_prompts, model_path, max_length)
+        extra = validate_data(
+            partial,
+            section["data"],
+            train,
+            upstream["eval_data"]["path"],
+            upstream["base_model"],
+            section["max_length"],
+        )
         logger.info("%d pairs passed validation", extra["n_pairs"])
-        return {"config": data, "inputs": inputs, **extra}
+        return extra
 
-    return build_once("validate", key, workdir, build)
+    return build_once("validate", key, workdir, section, upstream, build)
+
+
+STAGE = Stage(
+    name="validate",
+    task=validate,
+    # Lengths are checked with the tokenizer, at the length DPO will train at.
+    reads=lambda cfg, _: {"data": dump(cfg.data), "max_length": cfg.dpo.max_length},
+    inputs={
+        "train": "train_data.sha256",
+        "eval_prompts": "eval_data.sha256",
+        "tokenizer": "base_model.sha256",
+    },
+)

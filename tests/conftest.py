@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers import background, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +24,12 @@ SMALL = [
     "dpo.checkpoint_every=4",
     "eval.num_prompts=24",
     "eval.max_new_tokens=16",
+    "eval.temperatures=null",
 ]
 
+
+# Short retry delays (the product's default is 5, 20, 60 s): retry tests still see the backoff.
+RETRY_DELAYS = [2.0, 3.0]
 
 FAKE_SECRETS = {
     "HF_TOKEN": "hf_FAKEdpoflowSECRET0001",
@@ -30,10 +38,23 @@ FAKE_SECRETS = {
 }
 
 
-@pytest.fixture(scope="session")
-def cli_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for child `dpoflow` processes: own Prefect home, offline, no telemetry."""
-    home = tmp_path_factory.mktemp("prefect-home")
+def require_peer(module: str):
+    """Import a peer the parity tests compare against (TRL). Missing, it skips the test; with
+    DPOFLOW_REQUIRE_PEERS=1 (set by `make test`, so by CI) a missing peer is a failure."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = f"the parity test needs {module} (the dev extra: pip install -e '.[dev]'): {exc}"
+        if os.environ.get("DPOFLOW_REQUIRE_PEERS") == "1":
+            pytest.fail(message + " (DPOFLOW_REQUIRE_PEERS=1 makes this a failure)")
+        pytest.skip(message)
+
+
+def base_env(home: Path) -> dict[str, str]:
+    """Environment for child `dpoflow` processes: Prefect home `home`, offline, no telemetry,
+    no Prefect server named (each run would start a temporary one)."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     # Tools started by name (`mlflow models serve` runs `uvicorn`) come from this venv,
@@ -42,23 +63,76 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         PREFECT_LOGGING_LEVEL="WARNING",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         DO_NOT_TRACK="1",
         COLUMNS="200",  # rich wraps tables at 80 columns without a terminal
         GX_ANALYTICS_ENABLED="false",
+        DPOFLOW_RETRY_DELAYS=",".join(map(str, RETRY_DELAYS)),
         # Recognisable fake secrets: test_secrets scans every output for them.
         **FAKE_SECRETS,
     )
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: int = 600):
-    """Run `dpoflow ARGS` as a user would; returns the CompletedProcess."""
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One real Prefect server for the whole session, on loopback (API only, SQLite): every
+    `dpoflow` the tests start talks to it instead of starting a temporary server of its own.
+    Yields (API URL, its PREFECT_HOME); stopped, with its process group, at the end."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host"]
+    cmd += ["127.0.0.1", "--port", str(port), "--no-ui", "--no-services", "--analytics-off"]
+    url = f"http://127.0.0.1:{port}/api"
+    with background(cmd, home / "server.log", base_env(home), home, f"{url}/health"):
+        yield url, home
+
+
+@pytest.fixture(scope="session")
+def cli_env(prefect_api) -> dict[str, str]:
+    """Environment for child `dpoflow` processes, on the session's Prefect server."""
+    url, home = prefect_api
+    return base_env(home) | {"PREFECT_API_URL": url}
+
+
+@pytest.fixture
+def ephemeral_env(tmp_path) -> dict[str, str]:
+    """Environment for a `dpoflow` that starts Prefect's temporary server, as a user's does."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    return base_env(home)
+
+
+@pytest.fixture(scope="session")
+def shared_stages(tmp_path_factory, cli_env) -> tuple[Path, dict]:
+    """validate, sft and reference on the small config, built once for the session: tests
+    that need a trained reference start from a copy (`copy_stages`)."""
+    workdir = tmp_path_factory.mktemp("shared-stages")
+    proc, summary = run_pipeline(workdir, cli_env, name="shared", until="reference")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, summary
+
+
+def copy_stages(shared: tuple[Path, dict], workdir: Path) -> Path:
+    """A new work directory holding the shared stages' outputs (and the embedded default),
+    not their MLflow store or Prefect results: its runs log to a store of their own."""
+    source, _ = shared
+    for folder in ("stages", "embedded"):
+        shutil.copytree(source / folder, workdir / folder, dirs_exist_ok=True)
+    for lock in workdir.rglob("*.lock"):
+        lock.unlink()
+    return workdir
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: int = 600, module: str = "dpoflow.flows.cli"
+):
+    """Run `dpoflow ARGS` as a user would (or `python -m MODULE ARGS`); returns the
+    CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", module, *args],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-
-from models.logprobs import sequence_logps, split_pair_logps  # noqa: E402
-from models.losses import preference_loss  # noqa: E402
-from models.tiny_llama import _build_model, _train_tokenizer  # noqa: E402
+from dpoflow.models.logprobs import sequence_logps, split_pair_logps
+from dpoflow.models.losses import preference_loss
+from dpoflow.models.tiny_llama import _build_model, _train_tokenizer
+from tests.conftest import require_peer
 
 PAIRS = [
     {"prompt": "The film was", "chosen": " wonderful and warm.", "rejected": " dull."},
@@ -63,7 +62,9 @@ def test_first_batch_loss_matches_trl(models, loss_type, tmp_path):
     """
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+
+    trl = require_peer("trl")
+    DPOConfig, DPOTrainer = trl.DPOConfig, trl.DPOTrainer
 
     paths, data = models
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"])

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import run_cli
 
@@ -42,6 +41,23 @@ def test_validate_rejects_bad_data_with_a_table_and_one_sentence(cli_env, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
+def test_validate_gives_the_validate_stages_verdict(cli_env, tmp_path):
+    """`dpoflow validate` checks token lengths with the config's tokenizer, as the stage does:
+    the same config gives the same failure from both."""
+    config = ["--set", "data.min_rows=5", "--set", "data.severities.max_length=error"]
+    config += ["--set", "dpo.max_length=24", "--set", "dpo.max_prompt_length=8"]
+    alone = run_cli(["validate", str(HH), "--workdir", str(tmp_path), *config], cli_env)
+    stage = run_cli(
+        ["run", "--workdir", str(tmp_path), "--until", "validate", "--set", f"data.train={HH}"]
+        + config,
+        cli_env,
+    )
+    assert alone.returncode == stage.returncode == 1
+    assert "longer than 24 tokens" in alone.stderr and "longer than 24 tokens" in stage.stderr
+    verdict = alone.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    assert verdict.split(" (report:")[0] in stage.stderr
+
+
 def test_missing_data_file_is_one_sentence(cli_env, tmp_path):
     proc = run_cli(["validate", str(tmp_path / "nope.jsonl"), "--workdir", str(tmp_path)], cli_env)
     assert proc.returncode == 1
@@ -74,16 +90,3 @@ def test_a_bad_config_is_one_sentence_before_anything_runs(cli_env, tmp_path, ov
     assert message in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr  # one sentence
     assert not (tmp_path / "work").exists()  # nothing ran: not even the work directory
-
-
-def test_bench_mistakes_are_one_sentence(cli_env, tmp_path):
-    proc = run_cli(["bench", "dpo", "--model", str(tmp_path / "none"), "--data", str(HH)], cli_env)
-    assert proc.returncode == 2 and "'--model'" in proc.stderr and "does not exist" in proc.stderr
-    proc = run_cli(["bench", "dpo", "--model", str(tmp_path), "--data", str(HH)], cli_env)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "has 20 pairs but (--warmup + --steps) x --batch-size needs 368" in proc.stderr
-    if not torch.cuda.is_available():  # a GPU machine would run the bench
-        cuda = ["--model", str(tmp_path), "--data", str(HH), "--device", "cuda"]
-        proc = run_cli(["bench", "dpo", *cuda], cli_env)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr
-        assert "sees no GPU" in proc.stderr

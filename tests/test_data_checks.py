@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_checks.loading import example_id, load_preferences, load_prompts
-from data_checks.suite import render_failures_table, validate_preferences
-from flows.errors import ConfigError, DataError
+from dpoflow.data_checks.loading import example_id, load_preferences, load_prompts
+from dpoflow.data_checks.suite import render_failures_table, validate_preferences
+from dpoflow.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 ROWS = [

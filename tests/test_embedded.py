@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from data_checks.embedded_imdb import MIN_MARGIN, write_embedded_dataset
-from flows.errors import ConfigError
-from models.judges import Judge, VaderJudge, make_judge
-from models.tiny_llama import build_tiny_llama
+from dpoflow.data_checks.embedded_imdb import MIN_MARGIN, write_embedded_dataset
+from dpoflow.errors import ConfigError
+from dpoflow.models.judge_protocol import Judge
+from dpoflow.models.judges import VaderJudge, make_judge
+from dpoflow.models.tiny_llama import build_tiny_llama
 
 N_PAIRS = 300
 N_EVAL = 64
@@ -54,7 +55,7 @@ def test_dataset_is_byte_identical_across_calls(dataset, tmp_path):
 def test_dataset_is_byte_identical_across_processes(dataset, tmp_path):
     code = (
         "import pathlib, sys\n"
-        "from data_checks.embedded_imdb import write_embedded_dataset\n"
+        "from dpoflow.data_checks.embedded_imdb import write_embedded_dataset\n"
         f"write_embedded_dataset(pathlib.Path(sys.argv[1]), seed=0, n_train_pairs={N_PAIRS},"
         f" n_eval_prompts={N_EVAL})\n"
     )

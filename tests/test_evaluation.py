@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from flows.errors import ModelError
-from models.evaluation import (
+from dpoflow.errors import ModelError
+from dpoflow.models.evaluation import (
     JudgedLog,
     estimate_kl,
     evaluate_policy,
@@ -20,7 +20,7 @@ from models.evaluation import (
     markdown_report,
     win_rate,
 )
-from models.generation import generate, load_causal_lm, sample
+from dpoflow.models.generation import generate, load_causal_lm, sample
 
 SENTENCES = [
     "this movie was great and i loved every minute of it",

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from flows.config import load_config
-from flows.errors import ConfigError, ModelError
-from models.evaluation import evaluate_policy, markdown_report
-from models.judges import Judge, RewardModelJudge, make_judge
-from tasks.evaluate import eval_metrics, samples_table
+from dpoflow.config import load_config
+from dpoflow.errors import ConfigError, ModelError
+from dpoflow.models.evaluation import evaluate_policy, markdown_report
+from dpoflow.models.judge_protocol import Judge
+from dpoflow.models.judges import RewardModelJudge, make_judge
+from dpoflow.tasks.evaluate import eval_metrics, samples_table
 from tests.test_evaluation import PROMPTS, make_tokenizer, save_tiny_model
 
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from flows.errors import ConfigError, ServerError
-from models.evaluation import win_rate_from_verdicts
-from models.judges import PairwiseJudge, make_judge
-from models.llm_judge import LLMJudge, combine, parse_verdict
+from dpoflow.config import load_config
+from dpoflow.errors import ConfigError, ServerError
+from dpoflow.models.evaluation import win_rate_from_verdicts
+from dpoflow.models.judge_protocol import PairwiseJudge
+from dpoflow.models.judges import make_judge
+from dpoflow.models.llm_judge import LLMJudge, combine, parse_verdict
 
 ANSWER = re.compile(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]\n(.*?)\n\n", re.DOTALL)
 
@@ -129,16 +134,126 @@ def test_a_500_is_retried_then_a_clear_error_names_the_endpoint():
     assert server.base_url + "/chat/completions" in message and "HTTP 500" in message
 
 
+SECRET = "sk-dpoflowFAKEjudge0123456789"
+
+
+class EchoServer:
+    """An endpoint that refuses every request with `status` and echoes the Authorization
+    header it got in the body, as a misconfigured proxy or a debug endpoint does."""
+
+    def __init__(self, status: int):
+        self.auth: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                auth = self.headers.get("Authorization")
+                server.auth.append(auth)
+                data = f"rejected: Authorization: {auth}".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> EchoServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def held_text(value: Any, depth: int = 0) -> str:
+    """Everything `value` holds, as text: simple containers and objects' attributes
+    (vars()) are walked, recursively."""
+    if depth > 6:
+        return ""
+    if isinstance(value, dict):
+        return " ".join(held_text(k, depth + 1) + held_text(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return " ".join(held_text(item, depth + 1) for item in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return repr(value) + held_text(vars(value), depth + 1)
+    return repr(value)
+
+
 def test_the_api_key_comes_from_the_named_variable_only(monkeypatch):
-    monkeypatch.setenv("JUDGE_KEY_FOR_TEST", "sk-secret")
+    monkeypatch.setenv("JUDGE_KEY_FOR_TEST", SECRET)
     with ChatServer() as server:
         judge = judge_for(server, api_key_env="JUDGE_KEY_FOR_TEST")
         judge.compare(["p"], ["good"], ["bad"])
-    assert server.auth == ["Bearer sk-secret"] * 2
-    assert "sk-secret" not in repr(vars(judge).get("model")) + judge.url
+    assert server.auth == [f"Bearer {SECRET}"] * 2
+    assert SECRET not in held_text(judge)  # every attribute, at any depth
     monkeypatch.delenv("JUDGE_KEY_FOR_TEST")
     with pytest.raises(ConfigError, match="JUDGE_KEY_FOR_TEST"):
         judge_for(server, api_key_env="JUDGE_KEY_FOR_TEST")
+
+
+@pytest.mark.parametrize("status", [500, 401])  # retried, then refused at once
+def test_an_endpoint_echoing_the_key_never_leaks_it(monkeypatch, caplog, status):
+    monkeypatch.setenv("JUDGE_KEY_FOR_TEST", SECRET)
+    with caplog.at_level(logging.DEBUG), EchoServer(status) as server:
+        judge = LLMJudge(
+            base_url=server.base_url,
+            model="judge",
+            api_key_env="JUDGE_KEY_FOR_TEST",
+            max_retries=1,
+            backoff_seconds=0.01,
+            timeout_seconds=2.0,
+            concurrency=1,
+        )
+        with pytest.raises(ServerError) as caught:
+            judge.compare(["p"], ["good"], ["bad"])
+    assert set(server.auth) == {f"Bearer {SECRET}"}  # the key went out and came back
+    error = "".join(traceback.format_exception(caught.value))
+    assert f"HTTP {status}" in error and "Authorization: Bearer ***" in error  # quoted, redacted
+    assert SECRET not in error
+    assert any(r.name.startswith(("httpx", "httpcore")) for r in caplog.records)  # logs were seen
+    assert SECRET not in caplog.text + " ".join(repr(r.args) for r in caplog.records)
+    assert SECRET not in held_text(judge)
+
+
+@pytest.mark.parametrize("url", ["http://judge.example.com/v1", "http://10.0.0.7:8000/v1"])
+def test_plain_http_to_another_machine_is_refused_unless_allowed(url):
+    with pytest.raises(ConfigError) as caught:
+        LLMJudge(base_url=url, model="judge")
+    message = str(caught.value)
+    assert "eval.llm.base_url" in message and "eval.llm.allow_insecure_http" in message
+    assert "https" in message and message.endswith(".") and "\n" not in message
+    assert LLMJudge(base_url=url, model="judge", allow_insecure_http=True).url.startswith(url)
+
+    overrides = ["eval.judge=llm", f"eval.llm.base_url={url}", "eval.llm.model=judge"]
+    cfg = load_config(overrides=overrides)
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        make_judge("llm", cfg.eval.model_dump(mode="json"))
+    allowed = load_config(overrides=[*overrides, "eval.llm.allow_insecure_http=true"])
+    assert make_judge("llm", allowed.eval.model_dump(mode="json")).url.startswith(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://judge.example.com/v1",
+        "http://127.0.0.1:8000/v1",
+        "http://127.8.9.1/v1",
+        "http://localhost:8000/v1",
+        "http://[::1]:8000/v1",
+    ],
+)
+def test_https_and_loopback_need_no_flag(url):
+    assert LLMJudge(base_url=url, model="judge").url.startswith(url)
 
 
 def test_make_judge_builds_the_llm_judge_from_the_eval_section():

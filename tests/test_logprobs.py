@@ -10,7 +10,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.logprobs import collate, pair_batch, sequence_logps, split_pair_logps, tokenize_example
+from dpoflow.models.logprobs import (
+    collate,
+    pair_batch,
+    sequence_logps,
+    split_pair_logps,
+    tokenize_example,
+)
 
 VOCAB = 97
 PAD, BOS, EOS = 0, 1, 2
@@ -245,7 +251,7 @@ def test_reference_logps_are_stored_in_file_order_and_match_float64(model, token
     log-probs, in the file's order, equal to a plain float64 computation."""
     import json
 
-    from models.reference import compute_reference_logps
+    from dpoflow.models.reference import compute_reference_logps
 
     lengths = [7, 1, 12, 3, 9, 2, 5]  # answer lengths, so that sorting reorders the pairs
     pairs = [
@@ -281,3 +287,24 @@ def test_reference_logps_are_stored_in_file_order_and_match_float64(model, token
         )
         assert stored["chosen"][i].item() == pytest.approx(expected[0], abs=1e-4)
         assert stored["rejected"][i].item() == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_stored_reference_logps_pair_up_with_a_file_without_ids(tmp_path):
+    """The bench's and a user's pairs may carry no `id`: rows are keyed by their number, and
+    the trainer reads them back in its own order by the same keys."""
+    from dpoflow.models.reference import pair_ids
+    from dpoflow.models.trainer import load_reference_logps
+
+    pairs = [{"prompt": "a", "chosen": "b", "rejected": "c"} for _ in range(3)]
+    assert pair_ids(pairs) == ["row-0", "row-1", "row-2"]
+    assert pair_ids([{"id": "x"}, {"id": 7}]) == ["x", "7"]
+    stored = {
+        "ids": pair_ids(pairs),
+        "chosen": torch.tensor([1.0, 2.0, 3.0]),
+        "rejected": torch.tensor([-1.0, -2.0, -3.0]),
+    }
+    path = tmp_path / "ref.pt"
+    torch.save(stored, path)
+    back = load_reference_logps(str(path), pairs)
+    assert back["chosen"].tolist() == [1.0, 2.0, 3.0]
+    assert back["rejected"].tolist() == [-1.0, -2.0, -3.0]

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.losses import LOSS_TYPES, preference_loss
+from dpoflow.config import LOSS_TYPES
+from dpoflow.models.losses import preference_loss
+from tests.conftest import require_peer
 
 
 def _log_sigmoid(x: float) -> float:
@@ -184,7 +186,7 @@ def _trl_dpo_losses(loss_type, beta, eps, pi_c, pi_r, ref_c, ref_r, len_c, len_r
     model returns per-token log-probs whose sum is the given sequence log-prob, and a
     completion_mask whose row sums are the given answer lengths.
     """
-    from trl.trainer.dpo_trainer import DPOTrainer
+    DPOTrainer = require_peer("trl.trainer.dpo_trainer").DPOTrainer
 
     accelerator = SimpleNamespace(
         device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
@@ -263,7 +265,7 @@ def test_matches_trl_dpo_trainer(loss_type, beta):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_simpo_matches_trl_cpo_trainer(eps):
     """TRL's CPOTrainer (experimental) has SimPO; it takes length-averaged log-probs."""
-    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    cpo = require_peer("trl.experimental.cpo.cpo_trainer")
     pi_c, pi_r, _, _, len_c, len_r = _random_pairs(seed=1)
     trainer = SimpleNamespace(
         alpha=0.0,

@@ -3,34 +3,45 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, run_pipeline
+from tests.conftest import copy_stages, run_cli, run_pipeline
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["validate", "sft", "reference", "dpo", "evaluate", "register", "promote"]
+# On top of the small config: enough DPO and enough judged prompts that the policy's win
+# rate against the reference has its 95% lower bound above 0.5 (seen: 0.812, 0.700-0.889).
+MOVES = ["dpo.max_steps=40", "dpo.learning_rate=2e-3", "eval.num_prompts=64"]
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, cli_env):
-    workdir = tmp_path_factory.mktemp("pipeline")
-    proc, summary = run_pipeline(workdir, cli_env, name="first")
+def first_run(tmp_path_factory, cli_env, shared_stages):
+    """The first full run of a work directory whose validate, sft and reference were built
+    by the session's first run (`shared_stages`), on the session's Prefect server."""
+    workdir = copy_stages(shared_stages, tmp_path_factory.mktemp("pipeline"))
+    proc, summary = run_pipeline(workdir, cli_env, *MOVES, name="first")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (workdir / "console.log").write_text(proc.stdout + proc.stderr)
     return workdir, summary
 
 
-def test_first_run_completes_every_stage(first_run):
+def test_first_run_completes_every_stage(first_run, shared_stages):
     _, summary = first_run
+    _, shared = shared_stages
     assert list(summary["stages"]) == STAGES
-    assert {s["status"] for s in summary["stages"].values()} == {"completed"}
-    assert summary["stages"]["sft"]["resumed_from_step"] == 0
+    assert list(shared["stages"]) == STAGES[:3] and shared["stopped_after"] == "reference"
+    assert {s["status"] for s in shared["stages"].values()} == {"completed"}
+    assert shared["stages"]["sft"]["resumed_from_step"] == 0
+    status = {name: s["status"] for name, s in summary["stages"].items()}
+    assert status == dict.fromkeys(STAGES[:3], "cached") | dict.fromkeys(STAGES[3:], "completed")
     low, high = summary["win_rate_ci"]
-    assert 0.0 <= low <= summary["win_rate"] <= high <= 1.0
-    assert summary["kl"] == summary["kl"]  # a number, not NaN
+    assert 0.5 < low <= summary["win_rate"] <= high <= 1.0  # DPO moved the policy
+    assert math.isfinite(summary["kl"]) and summary["kl"] > 0
+    assert summary["reward_policy"] > summary["reward_reference"]
     reg = summary["registered_model"]
     # The promotion gate: with no champion yet, the interval against the reference decides.
     assert reg["promoted"] == (low > 0.5)
@@ -68,7 +79,7 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
 
 def test_second_run_is_entirely_cached(first_run, cli_env):
     workdir, first = first_run
-    proc, summary = run_pipeline(workdir, cli_env, name="second")
+    proc, summary = run_pipeline(workdir, cli_env, *MOVES, name="second")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {s["status"] for s in summary["stages"].values()} == {"cached"}
     assert summary["win_rate"] == first["win_rate"]
@@ -78,7 +89,7 @@ def test_second_run_is_entirely_cached(first_run, cli_env):
 
 def test_changing_beta_reruns_only_what_depends_on_it(first_run, cli_env):
     workdir, first = first_run
-    proc, summary = run_pipeline(workdir, cli_env, "dpo.beta=0.2", name="beta")
+    proc, summary = run_pipeline(workdir, cli_env, *MOVES, "dpo.beta=0.2", name="beta")
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = {name: s["status"] for name, s in summary["stages"].items()}
     assert status == {
@@ -95,7 +106,7 @@ def test_changing_beta_reruns_only_what_depends_on_it(first_run, cli_env):
 
 
 def test_empty_chosen_fails_validation_before_training(tmp_path, cli_env):
-    from tasks.sources import ensure_embedded_data
+    from dpoflow.tasks.sources import ensure_embedded_data
 
     pairs = (ensure_embedded_data(tmp_path / "src") / "train.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in pairs[:300]]

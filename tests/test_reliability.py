@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import RETRY_DELAYS
-from tests.conftest import PROJECT_ROOT, SMALL, run_pipeline
+from tests.conftest import PROJECT_ROOT, RETRY_DELAYS, SMALL, copy_stages, run_pipeline
 from tests.servers import background, free_port, stop
 from tests.test_llm_judge import ChatServer
 from tests.test_training import processes_mentioning
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 def start_pipeline(workdir: Path, env: dict[str, str], *extra: str, name: str = "summary"):
     """`dpoflow run` on the small config, in the background, in a session of its own."""
-    args = [sys.executable, "-m", "flows.cli", "run", "--workdir", str(workdir)]
+    args = [sys.executable, "-m", "dpoflow.flows.cli", "run", "--workdir", str(workdir)]
     args += ["--summary-json", str(workdir / f"{name}.json")]
     for item in [*SMALL, *extra]:
         args += ["--set", item]
@@ -84,7 +83,10 @@ def versions_of(uri: str, summary: dict) -> list:
     return mlflow_client(uri).search_model_versions(f"name='{name}'")
 
 
-def test_sigkill_of_the_whole_run_mid_dpo_then_the_same_command_resumes(tmp_path, cli_env):
+def test_sigkill_of_the_whole_run_mid_dpo_then_the_same_command_resumes(
+    tmp_path, cli_env, shared_stages
+):
+    copy_stages(shared_stages, tmp_path)
     extra = ["dpo.max_steps=40", "dpo.checkpoint_every=4"]
     proc = start_pipeline(tmp_path, cli_env, *extra, name="killed")
     dpo = tmp_path / "stages" / "dpo"
@@ -136,9 +138,12 @@ def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cl
     )
 
 
-def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples(tmp_path, cli_env):
-    # 96 prompts in chunks of 8, at temperatures 1.0 and 0.7: 24 chunks, each recorded.
-    extra = ["eval.num_prompts=96", "eval.batch_size=8", "eval.max_new_tokens=32"]
+def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples(
+    tmp_path, cli_env, shared_stages
+):
+    copy_stages(shared_stages, tmp_path)
+    # 48 prompts in chunks of 8, at one temperature: 6 chunks, each recorded.
+    extra = ["eval.num_prompts=48", "eval.batch_size=8", "eval.max_new_tokens=32"]
     proc = start_pipeline(tmp_path, cli_env, *extra, name="killed")
     evaluate = tmp_path / "stages" / "evaluate"
 
@@ -155,11 +160,11 @@ def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples
     stages = summary["stages"]
     assert {stages[s]["status"] for s in ("validate", "sft", "reference", "dpo")} == {"cached"}
     assert stages["evaluate"]["status"] == "completed"
-    assert 16 <= stages["evaluate"]["resumed_judged_prompts"] < 2 * 96
+    assert 16 <= stages["evaluate"]["resumed_judged_prompts"] < 48
     output = finished(tmp_path, "evaluate")[0].parent
     assert not (output / "judged.jsonl").exists()
     samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 96 and len({s["prompt"] for s in samples}) > 1
+    assert len(samples) == 48 and len({s["prompt"] for s in samples}) > 1
     # The killed attempt logged nothing to MLflow: the evaluation is there once.
     history = mlflow_client(sqlite_uri(tmp_path)).get_metric_history(
         summary["mlflow_run_id"], "eval/win_rate"
@@ -168,11 +173,12 @@ def test_sigkill_of_the_whole_run_mid_evaluation_resumes_from_the_judged_samples
     assert len(versions_of(sqlite_uri(tmp_path), summary)) == 1
     print(
         f"\nkilled mid-evaluation: re-run took {stages['evaluate']['resumed_judged_prompts']} "
-        f"judged prompts from the log, judged the rest of 2 x 96, win rate {summary['win_rate']}"
+        f"judged prompts from the log, judged the rest of 48, win rate {summary['win_rate']}"
     )
 
 
-def test_two_runs_at_once_on_one_workdir_both_end_correctly(tmp_path, cli_env):
+def test_two_runs_at_once_on_one_workdir_both_end_correctly(tmp_path, cli_env, shared_stages):
+    copy_stages(shared_stages, tmp_path)  # the two contend for dpo and every stage after it
     first = start_pipeline(tmp_path, cli_env, name="first")
     second = start_pipeline(tmp_path, cli_env, name="second")
     for proc, name in ((first, "first"), (second, "second")):
@@ -227,9 +233,9 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cli_env) -> Iterator[tuple]:
+def trained(tmp_path_factory, cli_env, shared_stages) -> Iterator[tuple]:
     """A work directory trained through DPO against a live MLflow server."""
-    workdir = tmp_path_factory.mktemp("served")
+    workdir = copy_stages(shared_stages, tmp_path_factory.mktemp("served"))
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), cli_env)
     server.start()
     # MLflow's own HTTP retries would stretch a dead server's error over minutes.
@@ -261,7 +267,7 @@ def test_a_judge_endpoint_answering_500_is_retried_then_named(trained):
     assert done.returncode == 1
     assert f"{judge.base_url}/chat/completions" in done.stderr
     assert "Traceback" not in done.stderr
-    assert elapsed >= sum(RETRY_DELAYS[:2])  # the stage was retried, with backoff
+    assert elapsed >= sum(RETRY_DELAYS)  # the stage was retried, with backoff
     assert asked >= 3 * 2  # three attempts, each asking at least once and retrying once
     print(
         f"\njudge answering 500: exit 1 after {elapsed:.0f} s and {asked} requests: "
@@ -281,7 +287,7 @@ def test_mlflow_down_at_registration_keeps_the_model_and_a_later_run_registers_i
     down, _ = run_pipeline(workdir, env, *extra)
     elapsed = time.monotonic() - started
     assert down.returncode == 1
-    assert elapsed >= sum(RETRY_DELAYS[:2])  # retried, with backoff
+    assert elapsed >= sum(RETRY_DELAYS)  # retried, with backoff
     print(f"\nMLflow down: exit 1 after {elapsed:.0f} s: " + down.stderr.strip().splitlines()[-1])
     message = down.stderr
     assert f"MLflow at {server.url} could not be reached while registering the policy" in message

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.config import apply_overrides
+from dpoflow.config import apply_overrides, load_config
+from dpoflow.tasks.tracking import flatten
 from tests.conftest import PROJECT_ROOT, SMALL
 from tests.servers import background, free_port
 
@@ -148,6 +149,11 @@ def test_scheduled_deployment_runs_on_a_worker_and_registers(servers, tmp_path):
     runs = c.search_runs([c.get_experiment_by_name("dpoflow").experiment_id])
     dpo_runs = [r for r in runs if "eval/win_rate" in r.data.metrics]
     assert len(dpo_runs) == 1
+    # The deployment trained the recipe `dpoflow run --set SMALL...` trains: its overrides
+    # were laid over configs/default.yaml, not over the schema's field defaults.
+    expected = flatten("", load_config(None, SMALL).model_dump(mode="json", exclude={"mlflow"}))
+    logged = dpo_runs[0].data.params
+    assert {k: logged.get(k) for k in expected} == expected
     versions = c.search_model_versions("name='dpoflow-policy'")
     assert [v.run_id for v in versions] == [dpo_runs[0].info.run_id]
     print(

@@ -1,38 +1,164 @@
-"""The pyfunc text generator: log it to a local MLflow store, load it back, predict offline."""
+"""The registered text generator: logged without pickles, loaded back from the registry
+without dpoflow, answering as `dpoflow.models.generation.generate` does; and `load_generator`,
+which takes only its weights."""
 
 from __future__ import annotations
 
+import ast
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
 import mlflow
 import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
 
-from models.serving import log_generator
-from tests.test_evaluation import save_tiny_model
+from dpoflow.errors import ModelError
+from dpoflow.models.generation import generate, load_causal_lm
+from dpoflow.models.serving import log_generator
+from dpoflow.tasks.promote import load_generator
+from tests.test_evaluation import PROMPTS, save_tiny_model
+
+NAME = "served"
+# Prompts the tiny random model answers with words at every setting used below (it also
+# writes ids beyond its tokenizer's vocabulary, which decode to nothing).
+ANSWERED = ["this movie was", "what a wonderful story with great actors"]
 
 
-def test_log_generator_round_trip(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # keep anything MLflow writes by default inside tmp_path
-    model_dir = save_tiny_model(tmp_path / "policy")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment_id = mlflow.create_experiment(
-        "serving-test", artifact_location=(tmp_path / "artifacts").as_uri()
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One tiny policy, logged with log_generator and registered as version 1 of NAME."""
+    tmp = tmp_path_factory.mktemp("serving")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)  # keep anything MLflow writes by default inside tmp
+        model_dir = save_tiny_model(tmp / "policy")
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        try:
+            experiment = mlflow.create_experiment(
+                "serving-test", artifact_location=(tmp / "artifacts").as_uri()
+            )
+            with mlflow.start_run(experiment_id=experiment):
+                info = log_generator(str(model_dir), name="policy")
+            version = mlflow.register_model(info.model_uri, NAME).version
+            stored = next((tmp / "artifacts").rglob("MLmodel")).parent
+            yield SimpleNamespace(
+                model_dir=model_dir,
+                version=str(version),
+                uri=f"models:/{NAME}/{version}",
+                stored=stored,
+            )
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def loaded(registered):
+    """The registered model loaded with `dpoflow` unimportable, as on a serving-only host."""
+    with pytest.MonkeyPatch.context() as patch:
+        # `import dpoflow...` raises ImportError while the entry is None.
+        for module in [m for m in sys.modules if m == "dpoflow" or m.startswith("dpoflow.")]:
+            patch.setitem(sys.modules, module, None)
+        return mlflow.pyfunc.load_model(registered.uri)
+
+
+def texts(loaded, prompts: list[str], **settings) -> list[str]:
+    output = loaded.predict(pd.DataFrame({"prompt": prompts}).assign(**settings))
+    assert isinstance(output, pd.DataFrame) and list(output.columns) == ["text"]
+    return output["text"].tolist()
+
+
+def test_the_stored_model_is_code_and_weights_with_no_pickle(registered):
+    files = sorted(
+        p.relative_to(registered.stored).as_posix() for p in registered.stored.rglob("*")
     )
+    print("\nstored model:", *files, sep="\n  ")
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".bin", ".pt", ".pth"))]
+    assert "served_model.py" in files and "artifacts/policy/model.safetensors" in files
+    mlmodel = (registered.stored / "MLmodel").read_text()
+    pyfunc = yaml.safe_load(mlmodel)["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    # No `python_model` entry (the cloudpickle file's name); MLflow still notes its
+    # cloudpickle_version as an installed package, which loads nothing.
+    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("served_model.py")
+    # The stored file imports the serving stack and the standard library only, no dpoflow.
+    tree = ast.parse((registered.stored / "served_model.py").read_text())
+    imported = {
+        alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
+    }
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    top = {name.split(".")[0] for name in imported} - set(sys.stdlib_module_names)
+    assert top == {"mlflow", "pandas", "torch", "transformers"}
+
+
+def test_the_registered_model_loads_without_dpoflow_and_answers_with_text(loaded):
+    assert loaded.metadata.get_input_schema().input_names() == [
+        "prompt",
+        "max_new_tokens",
+        "temperature",
+    ]
+    answers = texts(loaded, ANSWERED, max_new_tokens=8, temperature=0.0)
+    assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)
+
+
+def test_answers_are_those_of_dpoflow_generate(loaded, registered):
+    """The served file's self-contained sampling matches the pipeline's, greedy and sampled."""
+    model, tokenizer = load_causal_lm(str(registered.model_dir))
+    for temperature in (0.0, 1.0):
+        expected = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=temperature)
+        assert texts(loaded, PROMPTS, max_new_tokens=8, temperature=temperature) == expected
+
+
+def test_max_new_tokens_bounds_the_answer(loaded):
+    # The word-level tokenizer writes one word per token at most.
+    short = texts(loaded, PROMPTS, max_new_tokens=3, temperature=0.0)
+    long = texts(loaded, PROMPTS, max_new_tokens=12, temperature=0.0)
+    assert all(len(answer.split()) <= 3 for answer in short)
+    assert sum(len(a.split()) for a in long) > sum(len(a.split()) for a in short)
+
+
+def test_temperature_zero_is_deterministic_and_differs_from_sampling(loaded):
+    greedy = texts(loaded, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert texts(loaded, PROMPTS, max_new_tokens=8, temperature=0.0) == greedy
+    sampled = texts(loaded, PROMPTS, max_new_tokens=8, temperature=1.0)
+    assert sampled != greedy
+    # A fixed seed per request: the same sampled request gets the same answers, whatever the
+    # process sampled in between (here: a global RNG moved elsewhere).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        assert texts(loaded, PROMPTS, max_new_tokens=8, temperature=1.0) == sampled
+
+
+@contextmanager
+def replaced(path: Path, text: str) -> Iterator[None]:
+    """`path` holds `text` inside the block, its own content again after."""
+    original = path.read_text()
+    path.write_text(text)
     try:
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = log_generator(str(model_dir), name="policy")
-
-        loaded = mlflow.pyfunc.load_model(info.model_uri)
-        prompts = pd.DataFrame({"prompt": ["this movie was", "the film"]})
-        output = loaded.predict(prompts)
-        assert isinstance(output, pd.DataFrame)
-        assert list(output.columns) == ["text"] and len(output) == 2
-        assert all(isinstance(text, str) for text in output["text"])
-
-        greedy = prompts.assign(max_new_tokens=4, temperature=0.0)
-        assert loaded.predict(greedy)["text"].tolist() == loaded.predict(greedy)["text"].tolist()
-        assert loaded.metadata.get_input_schema().input_names() == [
-            "prompt",
-            "max_new_tokens",
-            "temperature",
-        ]
+        yield
     finally:
-        mlflow.set_tracking_uri(None)
+        path.write_text(original)
+
+
+def test_load_generator_takes_the_weights_and_runs_no_stored_code(registered):
+    with replaced(registered.stored / "served_model.py", "raise RuntimeError('stored code ran')"):
+        with pytest.raises(MlflowException, match="stored code ran"):
+            mlflow.pyfunc.load_model(registered.uri)  # the tampering is real...
+        model, tokenizer = load_generator(NAME, registered.version)  # ...and never runs here
+    expected, _ = load_causal_lm(str(registered.model_dir))
+    assert tokenizer.pad_token_id is not None and not model.training
+    for key, tensor in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_load_generator_refuses_a_model_without_the_weights_folder(registered):
+    mlmodel = registered.stored / "MLmodel"
+    escaping = mlmodel.read_text().replace("path: artifacts/policy", "path: ../../policy")
+    assert escaping != mlmodel.read_text()
+    with replaced(mlmodel, escaping):
+        with pytest.raises(ModelError, match="not logged by dpoflow's log_generator: register"):
+            load_generator(NAME, registered.version)

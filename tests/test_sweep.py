@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from flows.config import load_config
-from flows.errors import ConfigError
-from flows.sweep import child_configs, parse_list
-from tasks.sweep_report import children_rows, frontier_figure
+from dpoflow.config import load_config
+from dpoflow.errors import ConfigError
+from dpoflow.flows.sweep import child_configs, parse_list
+from dpoflow.tasks.sweep_report import children_rows, draw_frontier, frontier_figure
 from tests.conftest import SMALL, run_cli
 
 
@@ -59,6 +59,19 @@ def test_frontier_figure_is_a_png_with_one_point_per_child(tmp_path):
     assert rows[0]["win_rate_low"] == 0.5 and rows[0]["mlflow_run_id"] == "run-sigmoid-0.1"
     path = frontier_figure(rows, tmp_path / "plots" / "frontier.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What is drawn: on the frontier, one line per loss type with one point per child at
+    # that child's (KL, reward), in KL order; on the right, win rate at each β.
+    frontier, by_beta = draw_frontier(rows).axes
+    lines = {line.get_label(): line.get_xydata().tolist() for line in frontier.lines}
+    for loss in ("sigmoid", "ipo"):
+        mine = sorted((r for r in rows if r["loss_type"] == loss), key=lambda r: r["kl"])
+        assert lines[loss] == [[r["kl"], r["reward_policy"]] for r in mine]
+    labels = sorted(text.get_text() for text in frontier.texts)
+    assert labels == ["β=0.1", "β=0.1", "β=0.5", "β=0.5"]
+    drawn = {c.get_label(): c.lines[0].get_xydata().tolist() for c in by_beta.containers}
+    assert sorted(map(tuple, drawn["sigmoid"] + drawn["ipo"])) == sorted(
+        (r["beta"], r["win_rate"]) for r in rows
+    )
 
 
 def test_sweep_runs_shared_stages_once_and_nests_child_runs(tmp_path, cli_env):

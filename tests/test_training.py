@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.config import DistributedConfig, DPOConfig, SFTConfig
-from tasks.launcher import child_env, launcher_command, run_training
+from dpoflow.config import DistributedConfig, DPOConfig, SFTConfig
+from dpoflow.tasks.launcher import TrainingTimedOut, child_env, launcher_command, run_training
 
 pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """The embedded model and data, and reference log-probs of the first 256 pairs."""
-    from models.reference import compute_reference_logps
-    from tasks.sources import ensure_embedded_data, ensure_embedded_model
+    from dpoflow.models.reference import compute_reference_logps
+    from dpoflow.tasks.sources import ensure_embedded_data, ensure_embedded_model
 
     root = tmp_path_factory.mktemp("embedded")
     model = ensure_embedded_model(root)
@@ -175,7 +175,7 @@ def processes_mentioning(text: str) -> list[int]:
 def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
     job = make_job(embedded, tmp_path, max_steps=10_000)
     tmp_path.mkdir(exist_ok=True)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TrainingTimedOut):  # a user error: final, never retried
         run_training(
             job, tmp_path, log=lambda line: None, on_metrics=lambda rows: None, timeout_seconds=8
         )
@@ -187,7 +187,7 @@ def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
 def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded, tmp_path, zero):
     """The reference stage runs in the training's precision: a bf16 policy's first-step
     log-ratios against a bf16 reference are zero (loss log 2), not the bf16-vs-fp32 gap."""
-    from models.reference import compute_reference_logps
+    from dpoflow.models.reference import compute_reference_logps
 
     ref = compute_reference_logps(
         embedded["model"],
@@ -218,14 +218,25 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_embedding_gradient_added_in_place_is_bit_identical(tied):
+def test_embedding_gradient_added_in_place_is_bit_identical(tied, monkeypatch):
     """add_embedding_grads_in_place (fp32, one process) changes where the embedding's gradient
     is summed, not its value: gradients and weights after a few AdamW steps, one of them with
     a second micro-batch accumulated, equal plain autograd's bit for bit."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.cpu_memory import add_embedding_grads_in_place
-    from models.logprobs import collate, sequence_logps
+    from dpoflow.models import cpu_memory
+    from dpoflow.models.cpu_memory import add_embedding_grads_in_place
+    from dpoflow.models.logprobs import collate, sequence_logps
+
+    # Count the micro-batches whose embedding gradient took the in-place path.
+    into_grad = []
+    plain_apply = cpu_memory._EmbeddingIntoGrad.apply
+
+    def counted_apply(*args):
+        into_grad.append(args[0].shape)
+        return plain_apply(*args)
+
+    monkeypatch.setattr(cpu_memory._EmbeddingIntoGrad, "apply", counted_apply)
 
     config = LlamaConfig(
         vocab_size=300,
@@ -266,9 +277,62 @@ def test_embedding_gradient_added_in_place_is_bit_identical(tied):
         seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return seen
 
-    plain, in_place = run(False), run(True)
+    plain = run(False)
+    assert into_grad == []
+    in_place = run(True)
+    # Batches 0, 1 and 2 start with no gradient: in place; batch 3 accumulates: ordinary path.
+    assert into_grad == [batches[i]["input_ids"].shape for i in (0, 1, 2)]
     for a, b in zip(plain, in_place, strict=True):
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), name
     assert plain[0]["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def test_a_one_process_job_does_not_build_the_shared_memory_op(embedded, tmp_path):
+    """DeepSpeed builds (minutes the first time) and loads its shared-memory all-reduce op on
+    every CPU start; one process has no peer to share memory with, so it is skipped."""
+    lines: list[str] = []
+    job = make_job(embedded, tmp_path, max_steps=1)
+    run_training(job, tmp_path, log=lines.append, on_metrics=lambda rows: None)
+    assert any("1 process(es)" in line for line in lines)  # the trainer's log did arrive
+    assert not [line for line in lines if "shm_comm" in line or "ShareMemComm" in line]
+
+
+def test_a_changed_checkpoint_is_refused_and_nothing_is_trained_from_it(embedded, tmp_path):
+    import shutil
+
+    from dpoflow.errors import CheckpointError, UserError
+    from dpoflow.models.trainer import CheckpointRefused, verify_checkpoint
+
+    job = make_job(embedded, tmp_path, max_steps=3, checkpoint_every=2)
+    train(job, tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "step2"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
+    recorded = json.loads((checkpoint / "sha256.json").read_text())
+    files = sorted(p for p in checkpoint.rglob("*.pt"))
+    assert files and {p.relative_to(checkpoint).as_posix() for p in files} <= set(recorded)
+
+    # The model is gone (as after a kill), so a run would resume from step 2: flip one byte.
+    shutil.rmtree(tmp_path / "model")
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointError) as refused:
+        run_training(job, tmp_path, log=lambda line: None, on_metrics=lambda rows: None)
+    assert isinstance(refused.value, UserError)  # one sentence, not retried
+    assert str(refused.value) == (
+        f"checkpoint {checkpoint} does not match the sha256 recorded when it was written (a "
+        f"file was changed, added or removed), so it was not resumed: delete {tmp_path} to "
+        "start this stage over."
+    )
+    assert not (tmp_path / "model").exists()  # nothing was trained from it
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+    # A checkpoint without its hashes cannot be verified, so it is refused too.
+    (checkpoint / "sha256.json").unlink()
+    with pytest.raises(CheckpointRefused, match=r"has no sha256\.json .* start this stage over"):
+        verify_checkpoint(tmp_path / "checkpoints", "step2", rank=0, world=1, dist=None)

@@ -1,12 +1,14 @@
 """The pipeline config: YAML validated by pydantic, with dotted overrides.
 
-`load_config(path, overrides)` is the one way in. Unknown keys, wrong types and
-out-of-range values are refused with one sentence naming the key and what is
-allowed, before anything runs.
+`load_config(path, overrides)` (files, the CLI) and `resolve_config(mapping)` (a flow's
+parameter, a deployment) are the ways in; both start from configs/default.yaml, the one
+source of defaults. Unknown keys, wrong types and out-of-range values are refused with
+one sentence naming the key and what is allowed, before anything runs.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from flows.errors import ConfigError
+from dpoflow.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+# configs/ is installed as the data package `dpoflow.configs` (pyproject.toml).
+DEFAULT_CONFIG = Path(str(resources.files("dpoflow.configs") / "default.yaml"))
 
 
 class Section(BaseModel):
@@ -84,11 +86,17 @@ class SFTConfig(TrainConfig):
     )
 
 
+# The preference losses `models/losses.py` implements, and the judges `models/judges.py`
+# builds: named here, at the bottom, so the config can refuse anything else.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
+JUDGES = ("llm", "reward_model", "vader")
+
+
 class DPOConfig(TrainConfig):
     max_steps: int = Field(200, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"] = "sigmoid"
+    loss_type: Literal[LOSS_TYPES] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     simpo_gamma: float = 0.5
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on chosen answers")
@@ -104,9 +112,10 @@ class LLMJudgeConfig(Section):
     timeout_seconds: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     concurrency: int = Field(4, ge=1)
-
-
-JUDGES = ("llm", "reward_model", "vader")
+    allow_insecure_http: bool = Field(
+        False,
+        description="allow plain http to a non-loopback base_url (the key travels unencrypted)",
+    )
 
 
 class EvalConfig(Section):
@@ -205,11 +214,9 @@ def describe_error(error: dict[str, Any]) -> str:
     return f"config key '{key}' is invalid: {message}."
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> PipelineConfig:
-    """Read a YAML config (default: the embedded default), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping of sections, or one sentence saying what is wrong with it."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: pass an existing --config path.")
     try:
@@ -220,8 +227,40 @@ def load_config(
         ) from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, like data: ...")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, section by section (`update` wins)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def validated(raw: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(describe_error(exc.errors()[0])) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """The one source of a run's config: the embedded default (configs/default.yaml), then
+    the user's YAML file laid over it, then `--set` overrides; validated."""
+    raw = read_yaml(DEFAULT_CONFIG)
+    if path:
+        raw = merged(raw, read_yaml(path))
+    return validated(apply_overrides(raw, overrides or []))
+
+
+def resolve_config(config: dict[str, Any]) -> PipelineConfig:
+    """A flow's `config` parameter: overrides laid over the embedded default, as
+    `load_config` does for a file. A deployment passes only what it changes; the CLI
+    passes a whole config, which resolves to itself."""
+    return validated(merged(read_yaml(DEFAULT_CONFIG), config))

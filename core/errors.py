@@ -28,6 +28,11 @@ class ServerError(UserError):
     """A server the pipeline needs (MLflow, Prefect, a judge endpoint) is unreachable."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint to resume from fails its sha256 check: never retried, a retry would read
+    the same files."""
+
+
 class HideUserErrorTracebacks(logging.Filter):
     """A user's mistake is one sentence: drop the traceback Prefect would log beside it."""
 

@@ -1,0 +1,1 @@
+"""Pipeline configs, installed as the data package `dpoflow.configs` (see pyproject.toml)."""

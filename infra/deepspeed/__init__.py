@@ -1,0 +1,1 @@
+"""DeepSpeed configs, installed as the data package `dpoflow.deepspeed` (see pyproject.toml)."""
