@@ -67,7 +67,7 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     ]:
         assert name in run.data.metrics, name
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(1, 13))  # every DPO step logged
+    assert sorted(m.step for m in history) == list(range(1, 41))  # every DPO step (MOVES)
     reg = summary["registered_model"]
     version = client.get_model_version(reg["name"], reg["version"])
     assert version.run_id == run.info.run_id
@@ -164,16 +164,27 @@ def test_hh_and_ultrafeedback_shapes_train_through_the_pipeline(tmp_path, cli_en
 
 
 def test_no_secret_reaches_any_output(first_run, cli_env):
-    """Fake API keys and hub tokens are in the environment of every run: none may appear
-    in MLflow (params, tags, artifacts: all in the work directory), in Prefect's database
-    and results, or in the console log."""
+    """Fake API keys and hub tokens are in the environment of every run, and the LLM judge
+    really reads one (`eval.llm.api_key_env`) and sends it to a loopback endpoint: none may
+    appear in MLflow (params, tags, artifacts: all in the work directory), in Prefect's
+    database and results, or in the console."""
     from tests.conftest import FAKE_SECRETS
+    from tests.test_llm_judge import ChatServer
 
     workdir, _ = first_run
+    with ChatServer() as judge:
+        llm = ["eval.judge=llm", f"eval.llm.base_url={judge.base_url}", "eval.llm.model=judge"]
+        llm += ["eval.llm.api_key_env=DPOFLOW_JUDGE_API_KEY"]
+        proc, summary = run_pipeline(workdir, cli_env, *MOVES, *llm, name="llm", until="evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["stages"]["evaluate"]["status"] == "completed"  # judged by the LLM judge
+    key = FAKE_SECRETS["DPOFLOW_JUDGE_API_KEY"]
+    assert judge.requests > 0 and set(judge.auth) == {f"Bearer {key}"}  # read and sent
     places = [workdir, Path(cli_env["PREFECT_HOME"])]
     files = [f for place in places for f in place.rglob("*") if f.is_file()]
     assert any(f.name == "mlflow.db" for f in files) and any(f.suffix == ".db" for f in files)
-    for file in files:
-        content = file.read_bytes()
+    outputs = [(file, file.read_bytes()) for file in files]
+    outputs.append((Path("console"), (proc.stdout + proc.stderr).encode()))
+    for where, content in outputs:
         for name, secret in FAKE_SECRETS.items():
-            assert secret.encode() not in content, f"{name} leaked into {file}"
+            assert secret.encode() not in content, f"{name} leaked into {where}"

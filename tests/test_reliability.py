@@ -114,7 +114,7 @@ def test_sigkill_of_the_whole_run_mid_dpo_then_the_same_command_resumes(
 
 
 def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cli_env):
-    extra = ["sft.max_steps=60", "sft.checkpoint_every=10"]
+    extra = ["sft.max_steps=40", "sft.checkpoint_every=10"]
     proc = start_pipeline(tmp_path, cli_env, *extra)
     sft = tmp_path / "stages" / "sft"
     wait_for(lambda: any(sft.glob("*.partial/checkpoints/latest")), proc, "an SFT checkpoint")
@@ -129,7 +129,7 @@ def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cl
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stages"]["sft"]["status"] == "completed"
     assert summary["stages"]["sft"]["resumed_from_step"] >= 10
-    assert metric_steps(tmp_path, "sft") == list(range(1, 61))
+    assert metric_steps(tmp_path, "sft") == list(range(1, 41))
     assert len(finished(tmp_path, "sft")) == 1
     assert len(versions_of(sqlite_uri(tmp_path), summary)) == 1
     print(
