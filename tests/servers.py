@@ -14,6 +14,25 @@ from pathlib import Path
 import httpx
 
 
+def command_lines() -> dict[int, str]:
+    """Every live process's command line, by PID (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+            except OSError:
+                continue  # it ended while we looked
+    return found
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text`."""
+    return [pid for pid, cmdline in command_lines().items() if text in cmdline]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

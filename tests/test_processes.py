@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL, copy_stages, run_cli, run_pipeline
+from tests.servers import command_lines
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +36,7 @@ def session_members(sid: int) -> list[str]:
 
 
 def mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(cmdline)
-    return found
+    return [cmdline for cmdline in command_lines().values() if text in cmdline]
 
 
 def test_a_first_run_on_a_busy_machine_starts_prefect_and_runs(tmp_path, ephemeral_env):

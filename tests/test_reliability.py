@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT_ROOT, RETRY_DELAYS, SMALL, copy_stages, run_pipeline
-from tests.servers import background, free_port, stop
+from tests.servers import background, free_port, processes_mentioning, stop
 from tests.test_llm_judge import ChatServer
-from tests.test_training import processes_mentioning
 
 pytestmark = pytest.mark.slow
 

@@ -42,3 +42,28 @@ def test_a_table_artifact_that_fails_is_skipped_with_a_warning(
     assert warnings == [
         "the beta-sweep table artifact was not published (Prefect API answered 503)"
     ]
+
+
+def test_the_validation_and_evaluation_artifacts_fail_with_a_warning_too(monkeypatch, caplog):
+    """The validate and evaluate stages publish their artifacts the same way: a failure is a
+    warning naming the artifact, and the stage goes on."""
+    from types import SimpleNamespace
+
+    from dpoflow.tasks import evaluate, validate
+
+    def refuse(**_):
+        raise RuntimeError("Prefect API answered 503")
+
+    for module in (validate, evaluate):
+        monkeypatch.setattr(module, "in_prefect_run", lambda: True)
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", refuse)
+    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", refuse)
+    report = SimpleNamespace(outcomes=[], n_rows=3)
+    with caplog.at_level(logging.WARNING, logger="dpoflow"):
+        validate.publish_report(report, "prefs.jsonl")
+        evaluate.publish_artifacts("# report", [], "vader")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dpoflow"]
+    assert warnings == [
+        "the data-validation artifact was not published (Prefect API answered 503)",
+        "the win-rate and eval-samples artifacts were not published (Prefect API answered 503)",
+    ]

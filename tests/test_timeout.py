@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from prefect.states import exception_to_failed_state
@@ -15,6 +14,7 @@ from dpoflow.errors import ServerError
 from dpoflow.tasks import launcher
 from dpoflow.tasks.common import _retry_unless_user_error
 from dpoflow.tasks.launcher import TrainingFailed, TrainingTimedOut, run_training
+from tests.servers import processes_mentioning
 
 # A launcher and its worker: two processes of one group that would sleep for two minutes.
 STAND_IN = (
@@ -22,20 +22,6 @@ STAND_IN = (
     "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', sys.argv[1]]); "
     "time.sleep(120)"
 )
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line mentions `text` (read from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
 
 
 def retried(exc: BaseException) -> bool:

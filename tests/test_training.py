@@ -15,6 +15,7 @@ import torch
 
 from dpoflow.config import DistributedConfig, DPOConfig, SFTConfig
 from dpoflow.tasks.launcher import TrainingTimedOut, child_env, launcher_command, run_training
+from tests.servers import processes_mentioning
 
 pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -156,20 +157,6 @@ def test_sigkill_then_resume_from_the_newest_checkpoint(embedded, one_process, t
     uninterrupted_final = losses(one_process[1])[-1]
     print(f"resumed from step 6: final loss {resumed_final:.6f} vs {uninterrupted_final:.6f}")
     assert abs(resumed_final - uninterrupted_final) < LOSS_TOLERANCE
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line mentions `text` (the process table, read from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
 
 
 def test_timeout_ends_the_whole_process_group(embedded, tmp_path):
