@@ -139,5 +139,6 @@ def run_summary(
 
 def validated_output(cfg: PipelineConfig, workdir: Path) -> dict[str, Any] | None:
     """The validate stage's manifest for this config in `workdir`, if that stage has run."""
-    params = validate.STAGE.call(cfg, workdir.resolve(), resolve_sources(cfg, workdir.resolve()))
-    return StageDir(workdir.resolve(), validate.STAGE.name, params["key"]).existing()
+    work = workdir.resolve()
+    params = validate.STAGE.call(cfg, work, resolve_sources(cfg, work))
+    return StageDir(work, validate.STAGE.name, params["key"]).existing()

@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,18 +112,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def configured_api_url() -> str | None:
-    """The user's Prefect server: PREFECT_API_URL from the environment, else from the
-    active Prefect profile (read as Prefect reads it, without importing Prefect)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
-    try:
-        profiles = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
-    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+    """The user's Prefect server, as Prefect resolves it (environment, then profile)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 @contextlib.contextmanager
