@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup              ## the whole pipeline on the embedded default
 	$(BIN)/dpoflow run --summary-json .dpoflow/summary.json
 
-# What CI runs too: the parity tests fail (not skip) without TRL, the ten slowest are listed.
+# What CI runs too: the parity tests fail (not skip) without TRL, the ten slowest are listed;
+# one pytest-xdist worker per core (most tests wait on processes of their own).
 test: setup              ## lint, then the test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DPOFLOW_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q --durations=10
+	DPOFLOW_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -n auto --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

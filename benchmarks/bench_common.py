@@ -54,3 +54,12 @@ def child_main(run) -> None:
     if spec.get("device") == "cuda":
         result["peak_gpu_mb"] = peak_gpu_mb()
     Path(sys.argv[2]).write_text(json.dumps(result, indent=2))
+
+
+def lora_settings(spec: Spec) -> dict[str, Any] | None:
+    """`--lora-r R`: the adapters both sides train (alpha 2R, no dropout, every linear layer
+    but the output head), as the config's `model.lora` section; None (R = 0) = full FT."""
+    r = int(spec.get("lora_r") or 0)
+    if r == 0:
+        return None
+    return {"r": r, "alpha": float(2 * r), "dropout": 0.0, "target_modules": "all-linear"}

@@ -76,16 +76,27 @@ Repeats = Annotated[
 ]
 
 
-def _run(spec: dict, peer: str | None, json_out: Path | None, repeats: int) -> None:
-    """Run the bench; a mistake the user can fix (a model folder or data file the pipeline
-    would refuse, too few pairs) is one sentence, exit 1."""
+def _run(
+    spec: dict,
+    peer: str | None,
+    json_out: Path | None,
+    repeats: int,
+    modes: list[str] | None = None,
+) -> None:
+    """Run the bench (the layout ablation with several packing ``modes``); a mistake the user
+    can fix (a model folder or data file the pipeline would refuse, too few pairs) is one
+    sentence, exit 1."""
+    from benchmarks.ablation import run_ablation
     from benchmarks.dpo_bench import run_bench
     from dpoflow.errors import UserError
     from dpoflow.tasks.sources import check_model_source
 
     try:
         check_model_source(spec["model"])  # a folder the pipeline could not load is refused
-        run_bench(spec, peer, json_out, repeats=repeats)
+        if modes:
+            run_ablation(spec, modes, peer, json_out, repeats=repeats)
+        else:
+            run_bench(spec, peer, json_out, repeats=repeats)
     except (ValueError, UserError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -153,15 +164,56 @@ def _spec(
     )
 
 
+PresetName = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="Build (once, under .dpoflow/bench/) and use a preset's model and synthetic pairs: "
+        "0.5b (Qwen2 shape, prompts ~200 tokens, answers ~250, max_length 1024; for a GPU) or "
+        "long-prompt (4m Llama, prompts ~3x the answers; for a CPU). Its lengths, batch and "
+        "steps apply unless given. Replaces --model and --data.",
+    ),
+]
+Packing = Annotated[
+    str,
+    typer.Option(
+        "--packing",
+        help="Our dpo.packing: padded, packed or shared_prompt; several, comma-separated, run "
+        "the layout ablation (each mode in turn on the same pairs).",
+    ),
+]
+
+
+def _OrPreset(name: str, help: str):  # noqa: N802  (a type, as typer reads it)
+    """An int option of `dpo` whose default (in brackets) a --preset may replace."""
+    return Annotated[int | None, typer.Option(name, help=f"{help} A --preset sets its own.")]
+
+
+def _packing_modes(value: str) -> list[str]:
+    from dpoflow.config import PACKING_MODES
+
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in PACKING_MODES]
+    if not modes or unknown:
+        raise typer.BadParameter(
+            f"{value!r} is not a list of packing modes: use one or more of "
+            f"{', '.join(PACKING_MODES)}, comma-separated.",
+            param_hint="'--packing'",
+        )
+    return modes
+
+
 @bench_app.command()
 def dpo(
-    model: Model,
-    data: Data,
-    steps: Steps = 20,
-    warmup: Warmup = 3,
-    batch_size: Batch = 16,
-    max_length: MaxLen = 128,
-    max_prompt_length: MaxPrompt = 64,
+    model: Annotated[Path | None, Model.__metadata__[0]] = None,
+    data: Annotated[str | None, Data.__metadata__[0]] = None,
+    steps: _OrPreset("--steps", "Timed steps [20].") = None,
+    warmup: _OrPreset("--warmup", "Untimed steps first [3].") = None,
+    batch_size: _OrPreset("--batch-size", "Pairs per step [16].") = None,
+    max_length: _OrPreset("--max-length", "[128]") = None,
+    max_prompt_length: _OrPreset("--max-prompt-length", "[64]") = None,
+    preset: PresetName = None,
+    packing: Packing = "padded",
     peer: Peer = None,
     columns: Columns = None,
     json_out: JsonOut = None,
@@ -171,25 +223,79 @@ def dpo(
     zero_stage: ZeroStage = 0,
     beta: Annotated[float, typer.Option("--beta")] = 0.1,
     loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid",
+    lora_r: Annotated[
+        int,
+        typer.Option(
+            "--lora-r",
+            min=0,
+            help="Train LoRA adapters of this rank on every linear layer (alpha 2r) on both "
+            "sides (TRL through its peft_config), and our full fine-tuning too, for the ratio; "
+            "0 = full fine-tuning only.",
+        ),
+    ] = 0,
 ) -> None:
     """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
+    modes = _packing_modes(packing)
+    sizes = dict(
+        steps=steps,
+        warmup=warmup,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    defaults = dict(steps=20, warmup=3, batch_size=16, max_length=128, max_prompt_length=64)
+    if preset is not None:
+        model, data, defaults = _preset(preset, model, data, sizes)
+    if model is None or data is None:
+        raise typer.BadParameter(
+            "the bench needs a model and pairs: give --model and --data, or --preset.",
+            param_hint="'--model'",
+        )
+    sizes = {k: defaults[k] if v is None else v for k, v in sizes.items()}
     spec = _spec(
         "dpo",
         model,
         data,
-        steps,
-        warmup,
-        batch_size,
-        max_length,
-        max_prompt_length,
+        sizes["steps"],
+        sizes["warmup"],
+        sizes["batch_size"],
+        sizes["max_length"],
+        sizes["max_prompt_length"],
         threads,
         device,
         zero_stage,
         columns=_columns(columns),
         beta=beta,
         loss_type=loss_type,
+        packing=modes[0],
+        lora_r=lora_r,
     )
-    _run(spec, peer, json_out, repeats)
+    if len(modes) > 1:
+        _run(spec, peer, json_out, repeats, modes=modes)
+    else:
+        _run(spec, peer, json_out, repeats)
+
+
+def _preset(name: str, model, data, sizes: dict) -> tuple[Path, str, dict]:
+    """The preset's model and pairs (built on first use) and its sizes as defaults."""
+    from dataclasses import asdict
+
+    from benchmarks.presets import PRESETS, ensure_preset
+
+    if name not in PRESETS:
+        raise typer.BadParameter(
+            f"unknown preset {name!r}: use one of {', '.join(PRESETS)}.", param_hint="'--preset'"
+        )
+    if model is not None or data is not None:
+        raise typer.BadParameter(
+            "--preset brings its own model and pairs: leave out --model and --data.",
+            param_hint="'--preset'",
+        )
+    defaults = asdict(PRESETS[name])
+    merged = {k: defaults[k] if v is None else v for k, v in sizes.items()}
+    n_pairs = (merged["warmup"] + merged["steps"]) * merged["batch_size"]
+    model_dir, pairs = ensure_preset(name, n_pairs)
+    return model_dir, str(pairs), defaults
 
 
 @bench_app.command()

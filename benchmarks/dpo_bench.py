@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import rate_name
+from benchmarks.bench_common import lora_settings, rate_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEAKS = ("peak_rss_mb", "peak_gpu_mb")  # each process's peak memory; the GPU's on a GPU only
@@ -122,7 +122,12 @@ def run_ours(spec: dict, work: Path, log) -> dict:
         return run_side("ours_side", spec, work, log)
     spec = dict(spec, reference_logps_path=str(work / "reference_logps.pt"))
     reference = run_side("ours_reference", spec, work, log)
-    side = run_side("ours_side", spec, work, log)
+    return with_reference(run_side("ours_side", spec, work, log), reference, spec)
+
+
+def with_reference(side: dict, reference: dict, spec: dict) -> dict:
+    """Our DPO figures: the training process's, plus the reference stage's forward passes
+    prorated to the timed pairs, and the larger of the two processes' peaks."""
     share = reference["seconds"] * spec["steps"] / (spec["warmup"] + spec["steps"])
     side["processes"] = {
         "reference_seconds_all_pairs": reference["seconds"],
@@ -200,6 +205,9 @@ def run_bench(
         params = parameter_count(spec["model"])
         for _ in range(repeats):
             run = {"ours": figures(run_ours(spec, work, log), spec, params, ceiling)}
+            if lora_settings(spec):  # LoRA's targets are against full FT at the same batch
+                full = run_ours(dict(spec, lora_r=0), work, log)
+                run["full"] = figures(full, spec, params, ceiling)
             if peer == "trl":
                 run["trl"] = figures(run_side("trl_peer", spec, work, log), spec, params, ceiling)
             runs.append(run)
@@ -216,6 +224,13 @@ def run_bench(
         report["ratio"] = {
             k: report["ours"][k] / report["trl"][k]
             for k in (rate, "tokens_per_s", *PEAKS, "matmul_fraction")
+            if k in report["ours"]
+        }
+    if "full" in runs[0]:
+        report["full"] = best_run(runs, "full")
+        report["vs_full"] = {
+            k: report["ours"][k] / report["full"][k]
+            for k in (rate_name(spec["kind"]), *PEAKS)
             if k in report["ours"]
         }
     if repeats > 1:
@@ -244,14 +259,14 @@ def format_report(report: dict) -> str:
             f"{len(runs)} runs, each side in turn; below: each side's fastest run, and "
             f"the highest peak memory of its runs"
         )
-    sides = [k for k in ("ours", "trl", "ratio") if k in report]
+    sides = [k for k in ("ours", "trl", "ratio", "full", "vs_full") if k in report]
     skip = ("losses", "seconds", "processes", "loadavg", "fastest_run")
     keys = [k for k in report["ours"] if k not in skip]
     lines.append(f"{'':16}" + "".join(f"{k:>14}" for k in sides))
     for key in keys:
         row = "".join(f"{report[k].get(key, float('nan')):>14.3f}" for k in sides)
         lines.append(f"{key:16}{row}")
-    for side in ("ours", "trl"):
+    for side in ("ours", "trl", "full"):
         if side in report:
             before, after = report[side]["loadavg"]
             lines.append(
@@ -263,7 +278,7 @@ def format_report(report: dict) -> str:
         cells = [
             f"{side} {run[side][rate]:.3f} {rate}, {run[side]['peak_rss_mb']:.1f} MB, load "
             f"{run[side]['loadavg'][0]:.2f}->{run[side]['loadavg'][1]:.2f}"
-            for side in ("ours", "trl")
+            for side in ("ours", "trl", "full")
             if side in run
         ]
         lines.append(f"run {i}: " + "; ".join(cells))
@@ -289,7 +304,7 @@ def format_report(report: dict) -> str:
                 f"share ({share:.2f} s), ours would be {ours:.3f} {rate}, "
                 f"{ours / report['trl'][rate]:.3f}x TRL"
             )
-    for side in ("ours", "trl"):
+    for side in ("ours", "trl", "full"):
         if side in report:
             losses = ", ".join(f"{v:.5f}" for v in report[side]["losses"])
             lines.append(f"{side} losses (first steps): {losses}")

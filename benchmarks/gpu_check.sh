@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark against TRL on one GPU (docs/benchmarks.md, "On a GPU"): a 138 M-parameter
-# Llama (benchmarks/make_model.py --preset 140m), bf16 on both sides, DPO then SFT; then the
-# real `deepspeed` launcher path (ZeRO-2) through benchmarks/gpu_check.py if time is left.
+# The benchmark against TRL on one GPU (docs/benchmarks.md, "On a GPU"), in under 8 minutes:
+# the 0.5b preset (benchmarks/presets.py) with ours in each batch layout and TRL side by side,
+# LoRA where the bench has it, then the real `deepspeed` launcher path (ZeRO-2) if time is left.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (from the repository root)
 #
@@ -29,19 +29,34 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   nproc
 } | tee "$out/machine.txt"
 
-data=$(python3 -c "from dpoflow.tasks.sources import ensure_embedded_data as e; print(e('.dpoflow'))")/train.jsonl
-model=.dpoflow/bench/llama-140m
-python3 -m benchmarks.make_model --preset 140m --data "$data" --out "$model" 2>&1 | tail -1
-
-bench() {  # bench dpo|sft NAME REPEATS
-  python3 -m benchmarks "$1" --model "$model" --data "$data" --device cuda --peer trl \
-    --steps 30 --warmup 5 --batch-size 64 --max-length 256 --threads 8 --repeats "$3" \
-    --json "$out/$2.json" 2>&1 | grep -v "WARN\|it/s\]" | tee "$out/$2.txt"
+# 1. What users train: 0.5 B parameters (Qwen2 shape, random weights), prompts ~200 tokens,
+#    answers ~250, max_length 1024, bf16 on both sides. Our DPO in each batch layout
+#    (padded / packed / packed + shared prompt) and TRL's DPOTrainer, side by side on the same
+#    pairs (benchmarks/ablation.py): tokens/s, pairs/s, peak GPU memory, MFU (matmul_fraction,
+#    against the measured bf16 matmul ceiling).
+run() {  # run NAME SECONDS ARGS...: one bench command, its text and JSON under $out
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m benchmarks dpo --preset 0.5b --device cuda --threads 8 \
+    --steps 10 --warmup 2 --json "$out/$name.json" "$@" 2>&1 | grep -v "WARN\|it/s\]" \
+    | tee "$out/$name.txt" || echo "$name failed or ran out of time" | tee -a "$out/$name.txt"
 }
-bench dpo dpo-140m-gpu 2 || echo "dpo bench failed"
-bench sft sft-140m-gpu 1 || echo "sft bench failed"
-if (( SECONDS < 240 )); then  # the launcher path: ZeRO-2, bf16, 50 steps (if time is left)
-  timeout 120 python3 benchmarks/gpu_check.py 2>&1 | grep -v "WARN\|it/s\]" | tail -15 \
+run dpo-0.5b-ablation 280 --peer trl --packing padded,packed,shared_prompt
+# 2. LoRA, where the bench has it (--lora-r): ours with the shared prompt against TRL's PEFT.
+if python3 -m benchmarks dpo --help 2>/dev/null | grep -q -- "--lora-r" && (( SECONDS < 300 )); then
+  run dpo-0.5b-lora 100 --peer trl --packing shared_prompt --lora-r 16
+fi
+# 3. The real `deepspeed` launcher path (ZeRO-2, bf16, 50 steps), if time is left.
+if (( SECONDS < 380 )); then
+  timeout 60 python3 benchmarks/gpu_check.py 2>&1 | grep -v "WARN\|it/s\]" | tail -15 \
     | tee "$out/launcher-zero2.txt" || true
 fi
+# One JSON of everything that came back (each bench's own JSON is beside it).
+python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+reports = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("dpo-*.json"))}
+(out / "report.json").write_text(json.dumps(reports, indent=2))
+print("reports:", ", ".join(reports) or "none")
+PY
 echo "gpu check: ${SECONDS} s"

@@ -20,9 +20,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_common import Spec, child_main, rate_name, timed_window
+from benchmarks.bench_common import Spec, child_main, lora_settings, rate_name, timed_window
 from dpoflow.config import DPOConfig, SFTConfig
 from dpoflow.models import trainer
+from dpoflow.models.packing import pair_inputs
 
 
 def train_section(spec: Spec) -> dict:
@@ -39,7 +40,12 @@ def train_section(spec: Spec) -> dict:
     )
     if spec["kind"] == "sft":
         return SFTConfig(answers="chosen", **common).model_dump()
-    return DPOConfig(beta=spec["beta"], loss_type=spec["loss_type"], **common).model_dump()
+    return DPOConfig(
+        beta=spec["beta"],
+        loss_type=spec["loss_type"],
+        packing=spec.get("packing", "padded"),
+        **common,
+    ).model_dump()
 
 
 def real_tokens(spec: Spec, section: dict) -> int:
@@ -65,6 +71,24 @@ def real_tokens(spec: Spec, section: dict) -> int:
     return total
 
 
+def positions(spec: Spec, section: dict) -> int | None:
+    """Positions the timed DPO steps' forward passes run over, in the run's batch layout
+    (dpo.packing): real tokens plus padding (the padded rows' or the packed rows' tails)."""
+    if spec["kind"] != "dpo":
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    examples = trainer.dpo_examples(trainer.read_pairs(spec["data"]), tokenizer, section)
+    total = 0
+    for step in range(spec["warmup"], section["max_steps"]):
+        idx = trainer.batch_indices(len(examples), step, section["batch_size"], section["seed"])
+        pairs = [examples[i][:3] for i in idx]
+        batch, _ = pair_inputs(pairs, 0, section["packing"], "cpu")
+        total += batch["input_ids"].numel() if isinstance(batch, dict) else batch.input_ids.numel()
+    return total
+
+
 def run(spec: Spec) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(spec.get("port", 29533)))
@@ -83,6 +107,7 @@ def run(spec: Spec) -> dict:
         "model_path": spec["model"],
         "data_path": spec["data"],
         "reference_logps_path": reference_path,
+        "adapters": {"lora": lora_settings(spec), "load_in_4bit": False},
         "output_dir": str(work / "model"),
         "checkpoint_dir": str(work / "checkpoints"),
         "metrics_path": str(work / "metrics.jsonl"),
@@ -95,6 +120,7 @@ def run(spec: Spec) -> dict:
         "seconds": timed_window(step_times, spec["warmup"]),  # training only
         "examples": spec["steps"] * spec["batch_size"],
         "tokens": real_tokens(spec, section),
+        "positions": positions(spec, section),
         "losses": [r["loss"] for r in rows],
     }
 

@@ -17,7 +17,7 @@ import time
 from datasets import load_dataset
 from transformers import AutoTokenizer, TrainerCallback
 
-from benchmarks.bench_common import Spec, child_main, timed_window
+from benchmarks.bench_common import Spec, child_main, lora_settings, timed_window
 
 
 class StepClock(TrainerCallback):
@@ -78,8 +78,20 @@ def trainer_for(spec: Spec, out_dir: str):
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(beta=spec["beta"], loss_type=[spec["loss_type"]], **common_args(spec, out_dir))
+    # --lora-r: TRL's own PEFT path (its reference is the policy with the adapters disabled),
+    # with the very LoraConfig our trainer builds from the same settings.
+    adapters = lora_settings(spec)
+    peft = None
+    if adapters is not None:
+        from dpoflow.models.lora import peft_config
+
+        peft = peft_config(adapters)
     return DPOTrainer(
-        model=spec["model"], args=args, train_dataset=data, processing_class=tokenizer
+        model=spec["model"],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft,
     )
 
 

@@ -42,11 +42,49 @@ class DataConfig(Section):
     columns: dict[str, str] = Field(default_factory=dict, description="internal name -> source")
     min_rows: int = Field(100, ge=1)
     severities: dict[str, Literal["error", "warning"]] = Field(default_factory=dict)
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="render plain prompts as one user turn with the tokenizer's template"
+    )
+    max_truncated_share: float = Field(
+        0.1, ge=0, le=1, description="share of answers cut at dpo.max_length before it fails"
+    )
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (peft): SFT and DPO train these instead of every weight."""
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32.0, gt=0, description="scale: the update is alpha / r x B A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # peft's "all-linear": every linear layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='"all-linear" or module names such as [q_proj, v_proj]'
+    )
 
 
 class ModelConfig(Section):
     base: str = Field("embedded:tiny-llama", description="base model: hub name or local folder")
     revision: str | None = None
+    lora: LoraConfig | None = Field(None, description="train adapters; None = full fine-tuning")
+    load_in_4bit: bool = Field(False, description="QLoRA: NF4 base weights on CUDA, bf16 compute")
+
+    @model_validator(mode="after")
+    def _4bit_is_possible(self) -> ModelConfig:
+        if not self.load_in_4bit:
+            return self
+        if self.lora is None:
+            raise ValueError(
+                "4-bit weights cannot be trained directly: add a model.lora section "
+                "(QLoRA trains adapters on them) or set load_in_4bit to false"
+            )
+        import torch  # only here: the config is read by processes that never train
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "4-bit loading (bitsandbytes NF4) needs a CUDA GPU and this machine has none: "
+                "set model.load_in_4bit to false here, or run on a GPU machine"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -90,6 +128,9 @@ class SFTConfig(TrainConfig):
 # builds: named here, at the bottom, so the config can refuse anything else.
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
 JUDGES = ("llm", "reward_model", "vader")
+# How the DPO forward lays out a batch (`models/packing.py`): right-padded rows, sequences packed
+# end to end, or packed with one prompt per pair shared by both answers.
+PACKING_MODES = ("padded", "packed", "shared_prompt")
 
 
 class DPOConfig(TrainConfig):
@@ -101,6 +142,9 @@ class DPOConfig(TrainConfig):
     simpo_gamma: float = 0.5
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on chosen answers")
     reference: Literal["precomputed", "on_the_fly"] = "precomputed"
+    packing: Literal[PACKING_MODES] = Field(
+        "padded", description="batch layout of the DPO forward: padded | packed | shared_prompt"
+    )
 
 
 class LLMJudgeConfig(Section):
@@ -123,7 +167,7 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
     temperatures: list[float] | None = Field(
-        None, description="also evaluate at these temperatures (metrics eval/t{T}/...)"
+        None, description="also evaluate at these temperatures (metrics eval/win_rate_t{T}, ...)"
     )
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
@@ -164,6 +208,9 @@ class DistributedConfig(Section):
 class RegistryConfig(Section):
     model_name: str = "dpoflow-policy"
     alias: str = "candidate"
+    merge_adapters: bool = Field(
+        True, description="LoRA: log merged weights; false logs the adapter and its base"
+    )
 
 
 class MlflowConfig(Section):

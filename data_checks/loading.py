@@ -41,34 +41,45 @@ def load_preferences(
     revision: str | None = None,
     columns: dict[str, str] | None = None,
     tokenizer: Any = None,
+    chat_template: str = "auto",
 ) -> pd.DataFrame:
     """Load preference pairs from a file, a ``save_to_disk`` folder or a hub dataset.
 
     ``columns`` maps internal names to source names, e.g. ``{"prompt": "question"}``.
-    ``tokenizer`` (optional) renders conversational prompts with its chat template.
+    ``tokenizer`` (optional) with ``chat_template`` (data.chat_template) renders prompts with
+    its chat template (see `uses_chat_template`).
     Returns a DataFrame with ``id``, ``prompt``, ``chosen``, ``rejected`` (object dtype,
     raw values kept where they are not text so that validation can report them).
     """
     raw = _require_rows(read_table(source, split=split, revision=revision), source)
-    return _normalise_pairs(_rename_columns(raw, columns, source), source, tokenizer)
+    templated = uses_chat_template(tokenizer, chat_template)
+    return _normalise_pairs(_rename_columns(raw, columns, source), source, tokenizer, templated)
 
 
-def load_prompts(source: str, *, column: str = "prompt") -> pd.DataFrame:
+def load_prompts(
+    source: str, *, column: str = "prompt", tokenizer: Any = None, chat_template: str = "auto"
+) -> pd.DataFrame:
     """Load evaluation prompts as a DataFrame with ``id``, ``prompt`` and, where the source
     has one, ``chosen`` (the dataset's preferred answer, None where it is not text).
 
     Accepts the same formats as :func:`load_preferences`; a preference file is accepted
     too and its unique prompts are taken, so the same data can feed training and eval.
+    Prompts are rendered as the training pairs are (``tokenizer``, ``chat_template``), so
+    evaluation samples from the prompts the policy was trained on.
     """
     raw = _require_rows(read_table(source), source)
+    templated = uses_chat_template(tokenizer, chat_template)
     if column in raw.columns:
         prompts = pd.Series(raw[column].tolist(), dtype=object)
+        if templated:
+            render = _chat_renderer(tokenizer)
+            prompts = prompts.map(lambda p: render(_prompt_messages(p))[0] if _is_str(p) else p)
         ids = _ids_for(raw, [prompts])
         frame = pd.DataFrame({"id": ids, "prompt": prompts}, dtype=object)
         if "chosen" in raw.columns:  # kept for the win rate against the dataset's answers
             frame["chosen"] = [c if isinstance(c, str) else None for c in raw["chosen"]]
     elif {"chosen", "rejected"} <= set(raw.columns):
-        pairs = _normalise_pairs(raw, source, tokenizer=None)
+        pairs = _normalise_pairs(raw, source, tokenizer, templated)
         pairs = pairs[~pairs["prompt"].map(_as_key).duplicated()].reset_index(drop=True)
         frame = pd.DataFrame(
             {
@@ -313,7 +324,25 @@ def _check_required(raw: pd.DataFrame, source: str, implicit_prompt: bool) -> No
 # --------------------------------------------------------------------------- shapes
 
 
-def _normalise_pairs(raw: pd.DataFrame, source: str, tokenizer: Any) -> pd.DataFrame:
+def uses_chat_template(tokenizer: Any, mode: str) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template (data.chat_template).
+
+    ``auto``: when the tokenizer has one; ``always``: it must have one; ``never``: plain text
+    (message lists then become "role: text" lines). Rendered, a plain prompt string is one user
+    turn followed by the assistant's opening, and a message list its history.
+    """
+    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has_template:
+        raise ConfigError(
+            "data.chat_template is 'always' but the model's tokenizer has no chat template: "
+            "set data.chat_template to auto or never, or use a model whose tokenizer has one."
+        )
+    return has_template and mode != "never"
+
+
+def _normalise_pairs(
+    raw: pd.DataFrame, source: str, tokenizer: Any, templated: bool
+) -> pd.DataFrame:
     has_prompt = "prompt" in raw.columns
     chosen_values = raw["chosen"].tolist() if "chosen" in raw.columns else []
     conversational = any(_is_messages(v) for v in chosen_values)
@@ -322,11 +351,13 @@ def _normalise_pairs(raw: pd.DataFrame, source: str, tokenizer: Any) -> pd.DataF
 
     prompts = raw["prompt"].tolist() if has_prompt else [None] * len(raw)
     rows = zip(prompts, chosen_values, raw["rejected"].tolist(), strict=True)
+    render = _chat_renderer(tokenizer if templated else None)
     if conversational:
-        render = _chat_renderer(tokenizer)
         triples = [_split_conversation(p, c, r, render) for p, c, r in rows]
     elif hh:
         triples = [_split_hh(c, r) for _, c, r in rows]
+    elif templated:  # plain prompt strings: one user turn
+        triples = [(render(_prompt_messages(p))[0] if _is_str(p) else p, c, r) for p, c, r in rows]
     else:
         triples = list(rows)
 
@@ -414,8 +445,14 @@ def _prompt_messages(prompt: Any) -> list[dict] | None:
     return None
 
 
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
 def _chat_renderer(tokenizer: Any) -> Callable[[list[dict]], tuple[str, str]]:
-    """Return a function giving (prompt text, answer prefix) for a message history."""
+    """Return a function giving (prompt text, answer prefix) for a message history: the one
+    rendering of every prompt (pairs and evaluation prompts), with the tokenizer's chat
+    template when it is given one (`uses_chat_template` decides), else as plain lines."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
 
         def render_template(history: list[dict]) -> tuple[str, str]:

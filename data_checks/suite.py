@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from dpoflow.data_checks.report_html import PAGE, render
+from dpoflow.data_checks.token_checks import Tokenize, Truncation, token_columns
 from dpoflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,6 +77,32 @@ CHECKS: dict[str, Check] = {
         "mean chosen/rejected character-length ratio out of range",
         "check for a length bias between chosen and rejected answers",
     ),
+    "prompt_token_prefix": Check(
+        "error",
+        "the prompt's tokens are not a prefix of prompt + answer tokenized whole "
+        "(prompt and answer merge into other tokens at their boundary)",
+        "end prompts at a word or turn boundary (no trailing space) or start answers there",
+    ),
+    "one_bos": Check(
+        "error",
+        "a row holds a second bos token (at its start, or inside the data's text)",
+        "remove bos text from prompts and answers: tokenization adds the one bos",
+    ),
+    "one_eos": Check(
+        "error",
+        "an answer holds an eos token before its end (e.g. its own eos text)",
+        "remove eos text from answers: tokenization adds the one eos",
+    ),
+    "answer_left_after_truncation": Check(
+        "error",
+        "an answer with no token left but special tokens after truncation",
+        "shorten the prompts or raise dpo.max_length, or drop those rows",
+    ),
+    "truncated_share": Check(
+        "error",
+        "too many answers are cut at max_length",
+        "raise dpo.max_length or data.max_truncated_share, or shorten the answers",
+    ),
 }
 SEVERITIES = ("error", "warning")
 
@@ -121,7 +149,10 @@ class ValidationReport:
         return {
             "success": self.success,
             "n_rows": self.n_rows,
-            "data_docs_dir": self.data_docs_dir,
+            # Relative to this JSON's folder: true after the folder is renamed into place,
+            # copied, or logged to MLflow (an absolute path would name the build folder).
+            "data_docs": "index.html" if self.data_docs_dir else None,
+            "summary_page": PAGE if self.data_docs_dir else None,
             "outcomes": [asdict(o) for o in self.outcomes],
             "summary": self.summary_message(),
         }
@@ -157,17 +188,27 @@ def validate_preferences(
     max_length: int | None = None,
     max_length_ratio: float = 3.0,
     report_dir: pathlib.Path | None = None,
+    tokenize: Tokenize | None = None,
+    templated: bool = False,
+    max_truncated_share: float = 1.0,
 ) -> ValidationReport:
     """Run the preference-data expectations and return a report (never raises on bad data).
 
     ``severities`` overrides the default severity per check short name (see ``CHECKS``).
     ``eval_prompts`` turns on the leakage check; ``tokenizer`` with ``max_length`` turns
-    on the token-length check. With ``report_dir``, GX Data Docs and ``validation.json``
-    are written there.
+    on the token-length check; ``tokenizer`` with ``tokenize`` (training's tokenization,
+    limits bound) turns on the token-boundary checks (`token_checks`), ``templated`` saying
+    whether a chat template rendered the prompts, ``max_truncated_share`` the share of cut
+    answers above which they fail. With ``report_dir``, GX Data Docs and
+    ``validation.json`` are written there.
     """
     levels = _severities(severities)
-    frame = _validation_frame(df, eval_prompts, tokenizer, max_length)
+    frame, truncation = _validation_frame(
+        df, eval_prompts, tokenizer, max_length, tokenize, templated
+    )
     specs = _expectation_specs(frame, df, min_rows, eval_prompts, max_length, max_length_ratio)
+    if truncation is not None:
+        specs += _token_specs(truncation, max_length, max_truncated_share)
     results = _run_gx(frame, [spec[0] for spec in specs], report_dir)
     outcomes = [
         _outcome(result, meta, levels) for result, (_, meta) in zip(results, specs, strict=True)
@@ -179,8 +220,10 @@ def validate_preferences(
         data_docs_dir=str(report_dir) if report_dir is not None else None,
     )
     if report_dir is not None:
+        saved = report.to_dict()
         path = pathlib.Path(report_dir) / "validation.json"
-        path.write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+        path.write_text(json.dumps(saved, indent=2, default=str), encoding="utf-8")
+        (pathlib.Path(report_dir) / PAGE).write_text(render(saved), encoding="utf-8")
     return report
 
 
@@ -192,22 +235,26 @@ def load_and_validate(
     tokenizer: Any = None,
     max_length: int | None = None,
     report_dir: pathlib.Path | None = None,
+    tokenize: Tokenize | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, ValidationReport]:
     """Load the training pairs and the eval prompts as the config's ``data`` section says
-    (split, revision, columns, min_rows, severities) and run the suite on them: what
-    `dpoflow validate` and the pipeline's validate stage both do. With a ``tokenizer``
-    conversational data is rendered with its chat template and, with ``max_length``,
-    token lengths are checked. Returns (pairs, prompts, report)."""
-    from dpoflow.data_checks.loading import load_preferences, load_prompts
+    (split, revision, columns, chat_template, min_rows, severities, max_truncated_share) and
+    run the suite on them: what `dpoflow validate` and the pipeline's validate stage both do.
+    With a ``tokenizer`` prompts are rendered with its chat template (data.chat_template) and,
+    with ``max_length``, token lengths are checked; with ``tokenize`` too, token boundaries.
+    Returns (pairs, prompts, report)."""
+    from dpoflow.data_checks.loading import load_preferences, load_prompts, uses_chat_template
 
+    mode = data.get("chat_template", "auto")
     pairs = load_preferences(
         train,
         split=data["split"],
         revision=data["revision"],
         columns=data["columns"] or None,
         tokenizer=tokenizer,
+        chat_template=mode,
     )
-    prompts = load_prompts(eval_prompts)
+    prompts = load_prompts(eval_prompts, tokenizer=tokenizer, chat_template=mode)
     report = validate_preferences(
         pairs,
         min_rows=data["min_rows"],
@@ -216,6 +263,9 @@ def load_and_validate(
         tokenizer=tokenizer,
         max_length=max_length,
         report_dir=report_dir,
+        tokenize=tokenize,
+        templated=uses_chat_template(tokenizer, mode),
+        max_truncated_share=data.get("max_truncated_share", 1.0),
     )
     return pairs, prompts, report
 
@@ -239,8 +289,13 @@ def _severities(overrides: dict[str, str] | None) -> dict[str, str]:
 
 
 def _validation_frame(
-    df: pd.DataFrame, eval_prompts: list[str] | None, tokenizer: Any, max_length: int | None
-) -> pd.DataFrame:
+    df: pd.DataFrame,
+    eval_prompts: list[str] | None,
+    tokenizer: Any,
+    max_length: int | None,
+    tokenize: Tokenize | None = None,
+    templated: bool = False,
+) -> tuple[pd.DataFrame, Truncation | None]:
     """Copy the text columns as object dtype (raw values) and add vectorised helpers.
 
     Helpers hold only real text (pandas' ``str`` dtype, NaN elsewhere) so that a list or
@@ -261,7 +316,12 @@ def _validation_frame(
         frame["__length_ratio"] = _length_ratio(texts["chosen"], texts["rejected"])
     if tokenizer is not None and max_length is not None and set(TEXT_COLUMNS) <= set(present):
         frame["__pair_tokens"] = _pair_tokens(texts, tokenizer, max_length)
-    return frame
+    truncation = None
+    if tokenizer is not None and tokenize is not None and set(TEXT_COLUMNS) <= set(present):
+        raw = {c: df[c].reset_index(drop=True) for c in TEXT_COLUMNS}
+        columns, truncation = token_columns(raw, tokenizer, tokenize, templated)
+        frame = pd.concat([frame, columns], axis=1)
+    return frame, truncation
 
 
 def _normalise_for_leakage(text: pd.Series) -> pd.Series:
@@ -388,6 +448,41 @@ def _expectation_specs(
     return specs
 
 
+def _token_specs(
+    truncation: Truncation, max_length: int | None, max_truncated_share: float
+) -> list[Spec]:
+    """The token-boundary checks (see `token_checks`), on the rows training will build."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    specs: list[Spec] = [
+        (
+            E.ExpectColumnValuesToBeInSet(column=f"__token_{name}", value_set=[True]),
+            _meta(check, column),
+        )
+        for name, check, column in (
+            ("prefix", "prompt_token_prefix", "prompt"),
+            ("bos", "one_bos", "prompt, chosen, rejected"),
+            ("eos", "one_eos", "chosen, rejected"),
+            ("answer_left", "answer_left_after_truncation", "chosen, rejected"),
+        )
+    ]
+    cut = (
+        f"{truncation.count} of {truncation.answers} answers ({truncation.share:.1%}) are cut "
+        f"at max_length {max_length} tokens (data.max_truncated_share allows "
+        f"{max_truncated_share:g}); the longest prompt + answer is {truncation.longest} tokens"
+    )
+    specs.append(
+        (
+            E.ExpectColumnMeanToBeBetween(
+                column="__token_truncated", min_value=0, max_value=max_truncated_share
+            ),
+            _meta("truncated_share", "chosen, rejected", cut),
+        )
+    )
+    return specs
+
+
 def _meta(check: str, column: str, detail: str | None = None) -> dict[str, str]:
     return {"check": check, "column": column, "detail": detail or CHECKS[check].problem}
 
@@ -456,6 +551,8 @@ def _in_suite_order(results: list, suite) -> list:
 def _outcome(result, meta: dict[str, str], levels: dict[str, str]) -> ExpectationOutcome:
     details = result.result or {}
     detail = meta["detail"]
+    if result.success:  # the check's wording names the problem: say it was not found
+        detail = f"passed (it would fail on: {detail})"
     info = result.exception_info or {}
     if info.get("raised_exception"):
         detail = f"{detail} (GX could not evaluate it: {info.get('exception_message')})"

@@ -26,6 +26,7 @@ from rich.text import Text
 from dpoflow.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from dpoflow.errors import UserError
 from dpoflow.flows.prefect_api import prefect_api
+from dpoflow.flows.run_view import stage_status
 from dpoflow.tasks.sources import check_model_source
 
 app = typer.Typer(
@@ -88,15 +89,6 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
-def stage_status(stage: dict) -> str:
-    """ "completed", "cached", or how far an interrupted attempt had got."""
-    if stage.get("resumed_from_step"):
-        return f"{stage['status']} (resumed from step {stage['resumed_from_step']})"
-    if stage.get("resumed_judged_prompts"):
-        return f"{stage['status']} (resumed: {stage['resumed_judged_prompts']} prompts judged)"
-    return stage["status"]
-
-
 def print_summary(summary: dict) -> None:
     out = Console()
     out.print(summary_table(summary))
@@ -110,9 +102,18 @@ def print_summary(summary: dict) -> None:
         f"reward {summary['reward_policy']:.3f} vs {summary['reward_reference']:.3f}  "
         f"KL {summary['kl']:.3f}\n"
         f"MLflow run {summary['mlflow_run_id']}  model {reg['name']} v{reg['version']} "
-        f"{reg['aliases']}",
+        f"{reg['aliases']}  {champion_note(reg)}",
         highlight=False,
     )
+
+
+def champion_note(reg: dict) -> str:
+    """Where `champion` points in the registry now (the summary reads it at the end)."""
+    if reg.get("champion") is None:
+        return "no champion"
+    if reg["champion"] == reg["version"]:
+        return "champion: this version"
+    return f"champion: v{reg['champion']}"
 
 
 def write_summary(path: Path | None, summary: dict) -> None:
@@ -186,6 +187,7 @@ def validate(
             sources["eval_data"]["path"],
             sources["base_model"],
             cfg.dpo.max_length,
+            max_prompt_length=cfg.dpo.max_prompt_length,
         )
     except UserError as exc:
         fail(str(exc))
@@ -285,16 +287,42 @@ def models(
 @app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="The registered model, e.g. dpoflow-policy.")],
-    version: Annotated[str, typer.Argument(help="The version to make champion.")],
+    version: Annotated[
+        str | None, typer.Argument(help="The version to make champion (not with --rollback).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Skip the promotion checks.")] = False,
+    rollback: Annotated[
+        bool,
+        typer.Option("--rollback", help="Move champion back to the previous champion."),
+    ] = False,
     config: ConfigOpt = None,
     workdir: WorkdirOpt = Path(".dpoflow"),
     set_: SetOpt = None,
 ) -> None:
-    """Make VERSION the champion if it passes the gate (vs reference, then vs champion)."""
+    """Make VERSION the champion if it passes the gate (vs reference, then vs champion), or
+    with --rollback move champion back to the version it replaced."""
     quiet_libraries()
+    if (version is None) != rollback:
+        console.print(
+            "[bold red]error:[/] give either a VERSION to promote or --rollback, not "
+            f"{'both' if rollback else 'neither'}: e.g. `dpoflow promote {name} 3` or "
+            f"`dpoflow promote {name} --rollback`.",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     try:
         cfg = load_config(config, set_ or [])
+        if rollback:
+            from dpoflow.tasks.promote import rollback as roll_back
+            from dpoflow.tasks.tracking import tracking_uri
+
+            done = roll_back(tracking_uri(cfg.mlflow.tracking_uri, workdir), name)
+            Console().print(
+                f"{name} v{done['version']} {done['aliases']}: champion again, rolled back "
+                f"from v{done['rolled_back_from']}",
+                highlight=False,
+            )
+            return
         outcome = promote_by_hand(cfg, workdir, name, version, force=force)
     except UserError as exc:
         fail(str(exc))
@@ -304,6 +332,39 @@ def promote(
             "policy, or pass --force to promote it anyway."
         )
     Console().print(f"{name} v{outcome['version']} {outcome['aliases']}: {outcome['reason']}")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="The registered model (default: registry.model_name)."),
+    ] = None,
+    alias: Annotated[str, typer.Option("--alias", help="The alias to serve and follow.")] = (
+        "champion"
+    ),
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 5001,
+    poll_seconds: Annotated[
+        float, typer.Option("--poll-seconds", help="How often to check where the alias points.")
+    ] = 10.0,
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = Path(".dpoflow"),
+    set_: SetOpt = None,
+) -> None:
+    """Serve the version ALIAS points to (MLflow's /invocations, OpenAI's /v1/chat/completions,
+    /health) and follow the alias: a promotion or rollback is served without a restart."""
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        from dpoflow.flows.serve import serve as serve_alias
+        from dpoflow.tasks.tracking import tracking_uri
+
+        cfg = load_config(config, set_ or [])
+        uri = tracking_uri(cfg.mlflow.tracking_uri, workdir)
+        serve_alias(uri, model or cfg.registry.model_name, alias, host, port, poll_seconds)
+    except UserError as exc:
+        fail(str(exc))
 
 
 @app.command()

@@ -15,14 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from dpoflow.config import PipelineConfig, resolve_config
 from dpoflow.errors import ConfigError, hide_user_error_tracebacks
+from dpoflow.flows.run_view import pipeline_run_name, publish_run_view, run_tags, tag_flow_run
 from dpoflow.tasks import dpo, evaluate, promote, reference, register, sft, validate
 from dpoflow.tasks.common import Stage, retry_delays
+from dpoflow.tasks.promote import registry_state
 from dpoflow.tasks.sources import resolve_sources
 from dpoflow.tasks.stage import MANIFEST, StageDir
+from dpoflow.tasks.tracking import server_errors, tracking_uri
 
 hide_user_error_tracebacks()  # a bad config or bad data is reported in one sentence
 
@@ -87,7 +90,7 @@ class StageRunner:
         return manifest
 
 
-@flow(name="dpo-pipeline", log_prints=True)
+@flow(name="dpo-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
 def dpo_pipeline(
     config: dict[str, Any],
     workdir: str = ".dpoflow",
@@ -103,25 +106,39 @@ def dpo_pipeline(
     run = StageRunner(work, until)
     # The inputs, as manifests: the embedded default is made here on first use.
     manifests: dict[str, dict[str, Any]] = resolve_sources(cfg, work)
+    labels = run_tags(cfg)  # β, loss type, model: on the flow run and on each task run
+    tag_flow_run(labels)
     try:
-        for stage in STAGES:
-            if stage.enabled(cfg):
-                manifests[stage.name] = run(stage, stage.call(cfg, work, manifests, parent_run_id))
+        with tags(*labels):
+            for stage in STAGES:
+                if stage.enabled(cfg):
+                    params = stage.call(cfg, work, manifests, parent_run_id)
+                    manifests[stage.name] = run(stage, params)
     except StoppedAfter:
         get_run_logger().info("stopped after %s as asked; run without --until to go on", until)
+        publish_run_view(cfg, work, run.stages, manifests, None, until)
         return {"stages": run.stages, "stopped_after": until}
-    summary = run_summary(cfg, run.stages, manifests)
-    get_run_logger().info(
-        "win rate %.3f %s, KL %.3f", summary["win_rate"], summary["win_rate_ci"], summary["kl"]
-    )
+    summary = run_summary(cfg, run.stages, manifests, work)
+    publish_run_view(cfg, work, run.stages, manifests, summary)
+    get_run_logger().info(headline(summary))
     return summary
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """The result in one line of the flow's log, rounded as the console prints it."""
+    low, high = summary["win_rate_ci"]
+    return f"win rate {summary['win_rate']:.3f} [{low:.3f}, {high:.3f}], KL {summary['kl']:.3f}"
+
+
 def run_summary(
-    cfg: PipelineConfig, stages: dict[str, dict], manifests: dict[str, dict]
+    cfg: PipelineConfig, stages: dict[str, dict], manifests: dict[str, dict], work: Path
 ) -> dict[str, Any]:
-    """What `dpoflow run` prints and writes to --summary-json."""
+    """What `dpoflow run` prints and writes to --summary-json. The registered model is
+    described as the registry has it now, so a cached run never replays old aliases."""
     evaluation, promoted = manifests["evaluate"], manifests["promote"]
+    uri = tracking_uri(cfg.mlflow.tracking_uri, work)
+    with server_errors(uri, "reading the registry for the run's summary"):
+        now = registry_state(uri, promoted["name"], promoted["version"])
     return {
         "stages": stages,
         "win_rate": evaluation["win_rate"],
@@ -130,8 +147,7 @@ def run_summary(
         "reward_reference": evaluation["reward_reference"],
         "kl": evaluation["kl"],
         "mlflow_run_id": manifests["dpo"]["mlflow_run_id"],
-        "registered_model": {k: promoted[k] for k in ("name", "version", "aliases")}
-        | {"promoted": promoted["promoted"], "promotion_reason": promoted["reason"]},
+        "registered_model": {k: promoted[k] for k in ("name", "version", "promoted")} | now,
         "beta": cfg.dpo.beta,
         "loss_type": cfg.dpo.loss_type,
     }

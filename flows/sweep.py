@@ -23,7 +23,9 @@ from pydantic import ValidationError
 from dpoflow.config import PipelineConfig, describe_error, resolve_config
 from dpoflow.errors import ConfigError
 from dpoflow.flows.pipeline import dpo_pipeline
+from dpoflow.flows.run_view import sweep_run_name, sweep_tags, tag_flow_run
 from dpoflow.tasks import sweep_report
+from dpoflow.tasks.lineage import source_tags
 from dpoflow.tasks.tracking import client, experiment_id, log_params, tracking_uri
 
 
@@ -65,7 +67,8 @@ def start_parent_run(cfg: PipelineConfig, work: Path, betas: list, loss_types: l
     uri = tracking_uri(cfg.mlflow.tracking_uri, work)
     experiment = experiment_id(uri, cfg.mlflow.experiment, work)
     name = f"sweep-{'+'.join(loss_types)}-beta{'_'.join(f'{b:g}' for b in betas)}"
-    run = client(uri).create_run(experiment, run_name=name, tags={"dpoflow.stage": "sweep"})
+    tags = source_tags("sweep") | {"dpoflow.stage": "sweep"}
+    run = client(uri).create_run(experiment, run_name=name, tags=tags)
     params = {
         "sweep.betas": ",".join(f"{b:g}" for b in betas),
         "sweep.loss_types": ",".join(loss_types),
@@ -74,7 +77,7 @@ def start_parent_run(cfg: PipelineConfig, work: Path, betas: list, loss_types: l
     return run.info.run_id
 
 
-@flow(name="dpo-beta-sweep", log_prints=True)
+@flow(name="dpo-beta-sweep", flow_run_name=sweep_run_name, log_prints=True)
 def beta_sweep(
     config: dict[str, Any],
     betas: list[float],
@@ -88,6 +91,7 @@ def beta_sweep(
     loss_types = loss_types or [cfg.dpo.loss_type]
     children = child_configs(cfg, betas, loss_types)
     logger = get_run_logger()
+    tag_flow_run(sweep_tags(cfg, betas, loss_types))
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.mlflow.tracking_uri, work)
@@ -97,11 +101,9 @@ def beta_sweep(
         for child in children:
             dpo = child["dpo"]
             logger.info("sweep child: loss %s, beta %g", dpo["loss_type"], dpo["beta"])
-            child_flow = dpo_pipeline.with_options(
-                flow_run_name=f"{dpo['loss_type']}-beta{dpo['beta']:g}"
-            )
+            # Named and tagged by the pipeline itself (`dpo β=0.1 sigmoid`), as any run.
             summaries.append(
-                child_flow(config=child, workdir=str(work), parent_run_id=parent_run_id)
+                dpo_pipeline(config=child, workdir=str(work), parent_run_id=parent_run_id)
             )
         report = sweep_report.report(uri, parent_run_id, summaries, work / "sweeps")
     except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from dpoflow.models.generation import Sample, answer_texts, generate, load_causal_lm, sample
 from dpoflow.models.judge_protocol import Judge, PairwiseJudge, Verdict
 from dpoflow.models.logprobs import collate, sequence_logps
+from dpoflow.models.progress import Progress
 
 # Judge scores closer than this are a tie: float noise must not decide a comparison.
 TIE_TOLERANCE = 1e-9
@@ -213,6 +215,7 @@ def evaluate_policy(
     temperatures: list[float] | None = None,
     chosen: list[str | None] | None = None,
     progress: JudgedLog | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Sample from policy and reference under identical settings, judge both, and
     report the win rate (Wilson 95% interval), mean judge rewards and the sampled KL.
@@ -232,11 +235,11 @@ def evaluate_policy(
     Prompts go through in chunks of `batch_size`, each generated, judged and recorded
     in `progress` before the next: an evaluation killed half-way and run again with
     the same log judges only the chunks it had not finished, with the same answers
-    (each chunk's samples depend on its index only).
+    (each chunk's samples depend on its index only). `log` gets progress lines (`Progress`).
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
-    log = progress if progress is not None else JudgedLog(None)
+    judged = progress if progress is not None else JudgedLog(None)
     policy, tokenizer = load_causal_lm(policy_dir)
     reference, reference_tokenizer = load_causal_lm(reference_dir)
     pad_id = tokenizer.pad_token_id  # load_causal_lm sets one
@@ -273,11 +276,22 @@ def evaluate_policy(
 
     def at(temp: float) -> tuple[dict, list[dict], list[dict]]:
         name = temperature_key(temp)
+        starts = list(enumerate(range(0, len(prompts), batch_size)))
+        done = sum(len(r["verdicts"]) for i, _ in starts if (r := judged.get(name, i)))
+        progress = Progress(
+            f"evaluation at temperature {temp:g}",
+            len(prompts),
+            "prompts",
+            log or (lambda line: None),
+            already=done,
+        )
         records = []
-        for index, start in enumerate(range(0, len(prompts), batch_size)):
-            record = log.get(name, index)
+        for index, start in starts:
+            record = judged.get(name, index)
             if record is None:
-                record = log.add(name, index, judge_chunk(temp, index, start))
+                record = judged.add(name, index, judge_chunk(temp, index, start))
+                done += len(record["verdicts"])
+                progress.update(done)
             records.append(record)
         merged = _merge(records)
         comparison = Judged(merged["verdicts"], merged["policy_scores"], merged["other_scores"])
@@ -463,12 +477,15 @@ def markdown_report(result: dict, *, title: str, max_samples: int = 5) -> str:
             "",
             f"## Samples (first {len(samples)})",
             "",
-            "| prompt | policy | reference | verdict |",
-            "| --- | --- | --- | --- |",
+            # The short columns first: long answers wrap at the end instead of pushing the
+            # verdict off the page.
+            "| verdict | policy score | reference score | prompt | policy | reference |",
+            "| --- | ---: | ---: | --- | --- | --- |",
         ]
         lines += [
-            f"| {_cell(s['prompt'])} | {_cell(s['policy_answer'])} ({s['policy_score']:.3f}) "
-            f"| {_cell(s['reference_answer'])} ({s['reference_score']:.3f}) | {s['verdict']} |"
+            f"| {s['verdict']} | {s['policy_score']:.3f} | {s['reference_score']:.3f} "
+            f"| {_cell(s['prompt'])} | {_cell(s['policy_answer'])} "
+            f"| {_cell(s['reference_answer'])} |"
             for s in samples
         ]
     return "\n".join(lines) + "\n"

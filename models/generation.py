@@ -8,7 +8,7 @@ is plain greedy decoding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from dpoflow.errors import ModelError
+from dpoflow.models.logprobs import prompt_token_ids
+from dpoflow.models.progress import Progress
 
 # Mixes the batch index into the user's seed; a large prime keeps seeds of
 # neighbouring batches and neighbouring user seeds apart.
@@ -104,6 +106,7 @@ def sample(
     batch_size: int = 64,
     seed: int = 0,
     first_batch: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> list[Sample]:
     """Sample one answer per prompt, as token ids.
 
@@ -114,6 +117,7 @@ def sample(
     global RNG state is left as it was. `temperature=0` means greedy decoding.
     `first_batch` numbers the batches from there: sampling a list in pieces of
     `batch_size` prompts, piece k with `first_batch=k`, gives the same answers as one call.
+    `log`, if given, gets progress lines (`Progress`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -121,6 +125,7 @@ def sample(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     encoded = [_encode_prompt(tokenizer, prompt) for prompt in prompts]
     samples: list[Sample] = []
+    progress = Progress("generation", len(prompts), "prompts", log) if log else None
     for index, batch in enumerate(_chunks(encoded, batch_size)):
         answer_ids = _generate_batch(
             model,
@@ -132,19 +137,19 @@ def sample(
             seed=seed * _SEED_STRIDE + first_batch + index,
         )
         samples += [Sample(p, a) for p, a in zip(batch, answer_ids, strict=True)]
+        if progress:
+            progress.update(len(samples))
     return samples
 
 
 def _encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of a prompt: bos (if the tokenizer has one), then the text.
 
-    This matches how training tokenizes prompts, so the model sees the same
+    The same function training uses (`prompt_token_ids`), so the model sees the same
     prefix at evaluation. An empty prompt without bos starts from eos, since
     generation needs at least one token to condition on.
     """
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
+    ids = prompt_token_ids(tokenizer, prompt)
     return ids or [tokenizer.eos_token_id]
 
 

@@ -11,6 +11,8 @@ policy (and the reference) need one forward pass per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -29,12 +31,27 @@ def tokenize_example(
         )
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token; answers must end with one.")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    body = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = prompt_token_ids(tokenizer, prompt)
+    n_bos = 1 if tokenizer.bos_token_id is not None else 0
+    bos, body = ids[:n_bos], ids[n_bos:]
     keep = max_prompt_length - len(bos)
     prompt_ids = bos + (body[-keep:] if keep > 0 else [])
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """bos (if the tokenizer has one), then the prompt's tokens: how training, the reference
+    and generation all begin a sequence.
+
+    A prompt rendered by a chat template often begins with the bos text already (the template
+    writes it); encoded, that is a bos token, which is not doubled.
+    """
+    body = tokenizer.encode(prompt, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return body
+    return [bos, *(body[1:] if body[:1] == [bos] else body)]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Tensor]:
@@ -92,7 +109,27 @@ def sequence_logps(
     rows = target_mask.nonzero(as_tuple=True)[0]  # [M] row of each scored token
     targets = input_ids[:, 1:][target_mask]  # [M]
 
-    states, head = _answer_states(model, batch, target_mask)  # [M, H or V]
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+    states, head = answer_states(model, inputs, lambda h: h[:, :-1][target_mask])  # [M, H or V]
+    return score_answers(states, head, targets, rows, input_ids.shape[0], chunk_size=chunk_size)
+
+
+def score_answers(
+    states: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    rows: Tensor,
+    n_rows: int,
+    *,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-row answer log-probs from the states that predict each answer token.
+
+    ``states`` [M, H] (or logits [M, V] with an identity ``head``) predict ``targets`` [M];
+    ``rows`` [M] says which of the ``n_rows`` sequences each token belongs to. Returns
+    sequence_logps's dict. Shared by the padded batch (here) and the packed one
+    (models/packing.py), so both score tokens with the same arithmetic.
+    """
     token_logps, token_logit_means = [], []
     step = chunk_size or max(len(targets), 1)
     for start in range(0, len(targets), step):
@@ -102,10 +139,11 @@ def sequence_logps(
         token_logit_means.append(logits.detach().mean(dim=-1))  # [m]
         del logits
 
-    n_rows = input_ids.shape[0]
     dtype = torch.promote_types(states.dtype, torch.float32)
     logps = _row_sums(token_logps, rows, n_rows, dtype)  # [N]
-    n_tokens = target_mask.sum(dim=1)  # [N]
+    n_tokens = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(
+        0, rows, torch.ones_like(rows)
+    )  # [N]
     logit_sums = _row_sums(token_logit_means, rows, n_rows, dtype)  # [N]
     logits_mean = logit_sums / n_tokens.clamp(min=1)  # [N]
     return {"logps": logps, "n_tokens": n_tokens, "logits_mean": logits_mean}
@@ -149,13 +187,15 @@ class _TokenLogps(torch.autograd.Function):
         return grad_logits.scatter_add_(-1, targets[:, None], grad[:, None]), None
 
 
-def _answer_states(
-    model: nn.Module, batch: dict[str, Tensor], target_mask: Tensor
+def answer_states(
+    model: nn.Module, inputs: dict[str, Tensor], select: Callable[[Tensor], Tensor]
 ) -> tuple[Tensor, nn.Module]:
-    """Run the model once; at the M positions that predict answer tokens return
-    (hidden states [M, H], lm head), or (logits [M, V], identity) when the model cannot be
-    split into body and head."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Run the model once on ``inputs``; return (``select``ed hidden states [M, H], lm head),
+    or (``select``ed logits [M, V], identity) when the model cannot be split into body and head.
+
+    ``select`` maps a per-position tensor [N, T, X] to the M positions that predict answer
+    tokens [M, X].
+    """
     body = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
@@ -167,11 +207,11 @@ def _answer_states(
         outputs = body(**inputs, use_cache=False)
         hidden = getattr(outputs, "last_hidden_state", None)  # [N, T, H]
         if hidden is not None:
-            return hidden[:, :-1][target_mask], head  # [M, H]
+            return select(hidden), head  # [M, H]
         # e.g. a wrapper whose .model is itself a causal LM: its output already has logits.
-        return outputs.logits[:, :-1][target_mask], nn.Identity()  # [M, V]
+        return select(outputs.logits), nn.Identity()  # [M, V]
     logits = model(**inputs, use_cache=False).logits  # [N, T, V]
-    return logits[:, :-1][target_mask], nn.Identity()  # [M, V]
+    return select(logits), nn.Identity()  # [M, V]
 
 
 def _row_sums(values: list[Tensor], rows: Tensor, n_rows: int, dtype: torch.dtype) -> Tensor:

@@ -1,13 +1,18 @@
 """Reference log-probs, computed once.
 
 π_ref is frozen, so log π_ref(y|x) depends only on (reference model, data):
-compute it for every pair once, store it keyed by example id, and let every
+compute it for every pair training reads once, store it keyed by example id, and let every
 β of a sweep and every epoch read it instead of running the reference model.
+
+The pipeline's stage runs `models/reference_worker.py` under the `deepspeed` launcher, sharded
+over its processes; `compute_reference_logps` is the same scoring in this process, for every
+pair of a file (benchmarks, tests). Both store a safetensors file: no pickle is written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,9 +20,76 @@ import torch
 from dpoflow.models.logprobs import pair_batch, sequence_logps, split_pair_logps, tokenize_example
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TokenizedPair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected ids
+
+
+def load_reference_model(
+    model_dir: str, precision: str, device: str, revision: str | None = None
+) -> tuple[torch.nn.Module, object, int]:
+    """(model in eval mode on `device`, tokenizer, pad id) of the reference.
+
+    ``precision`` is the training's (fp32, bf16 or fp16): the reference runs with the weights
+    the policy starts from, so the policy's log-ratio is zero before its first step.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, revision=revision, dtype=DTYPES[precision]
+    )
+    return model.to(device).eval(), tokenizer, pad_id
+
+
+def tokenize_pairs(
+    tokenizer, pairs: list[dict], *, max_length: int, max_prompt_length: int
+) -> list[TokenizedPair]:
+    """(prompt, chosen, rejected) token ids of each pair, as training tokenizes them."""
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    out = []
+    for p in pairs:
+        prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
+        _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
+        out.append((prompt_ids, chosen_ids, rejected_ids))
+    return out
+
+
+def by_length(tokenized: list[TokenizedPair]) -> list[int]:
+    """Positions of `tokenized`, shortest pair first: batches of similar length pad less, and
+    each pair's log-probs do not depend on which batch it is in."""
+    return sorted(range(len(tokenized)), key=lambda i: row_length(tokenized[i]))
 
 
 @torch.inference_mode()
+def score_pairs(
+    model: torch.nn.Module,
+    tokenized: list[TokenizedPair],
+    pad_id: int,
+    *,
+    batch_size: int = 64,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [P], rejected [P]) float32 log-probs of the pairs, in the order given.
+
+    Batches are cut in the order given (sort it with `by_length` first to pad less);
+    `on_batch(n)` is called after each batch with the number of pairs it scored.
+    """
+    device = next(model.parameters()).device
+    chosen = torch.empty(len(tokenized), dtype=torch.float32)  # [P]
+    rejected = torch.empty(len(tokenized), dtype=torch.float32)  # [P]
+    for start in range(0, len(tokenized), batch_size):
+        rows = tokenized[start : start + batch_size]
+        batch = pair_batch(rows, pad_id)
+        logps = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})["logps"]
+        c, r = split_pair_logps(logps.float().cpu())  # [B], [B]
+        chosen[start : start + len(rows)], rejected[start : start + len(rows)] = c, r
+        if on_batch:
+            on_batch(len(rows))
+    return chosen, rejected
+
+
 def compute_reference_logps(
     model_dir: str,
     pairs_path: str | Path,
@@ -27,51 +99,57 @@ def compute_reference_logps(
     batch_size: int = 64,
     precision: str = "fp32",
     device: str | None = None,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
 ) -> dict:
-    """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair.
-
-    ``precision`` is the training's (fp32, bf16 or fp16): the reference runs with the weights
-    the policy starts from, so the policy's log-ratio is zero before its first step. ``device``
-    defaults to the GPU when there is one. ``revision`` pins a hub model (ignored for a folder).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair, in this
+    process. ``device`` defaults to the GPU when there is one. ``revision`` pins a hub model
+    (ignored for a folder). ``progress(done, total)`` follows the pairs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, revision=revision, dtype=DTYPES[precision]
-    )
-    model = model.to(device).eval()
+    model, tokenizer, pad_id = load_reference_model(model_dir, precision, device, revision)
     with open(pairs_path, encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
-    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    tokenized = tokenize_pairs(
+        tokenizer, pairs, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    done = 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, len(pairs))
 
     if progress:
         progress(0, len(pairs))  # loaded: the forward passes start
-    tokenized = []
-    for p in pairs:
-        prompt_ids, chosen_ids = tokenize_example(tokenizer, p["prompt"], p["chosen"], **limits)
-        _, rejected_ids = tokenize_example(tokenizer, p["prompt"], p["rejected"], **limits)
-        tokenized.append((prompt_ids, chosen_ids, rejected_ids))
-    # Batches of pairs of similar length pad less; each pair's log-probs do not depend on
-    # which batch it is in, and go back to file order below.
-    order = sorted(range(len(pairs)), key=lambda i: _row_length(tokenized[i]))
-    chosen = torch.empty(len(pairs), dtype=torch.float32)  # [P]
+    order = by_length(tokenized)
+    sorted_chosen, sorted_rejected = score_pairs(
+        model, [tokenized[i] for i in order], pad_id, batch_size=batch_size, on_batch=on_batch
+    )
+    chosen = torch.empty(len(pairs), dtype=torch.float32)  # [P], back in file order
     rejected = torch.empty(len(pairs), dtype=torch.float32)  # [P]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = pair_batch([tokenized[i] for i in rows], pad_id)
-        logps = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})["logps"]
-        c, r = split_pair_logps(logps.float().cpu())  # [B], [B]
-        chosen[rows], rejected[rows] = c, r
-        if progress:
-            progress(min(start + batch_size, len(pairs)), len(pairs))
+    chosen[order], rejected[order] = sorted_chosen, sorted_rejected
     return {"ids": pair_ids(pairs), "chosen": chosen, "rejected": rejected}
+
+
+def save_reference_logps(path: Path, stored: dict) -> None:
+    """Write {"ids", "chosen", "rejected"} as safetensors (the ids as JSON in its metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {side: stored[side].contiguous().float() for side in ("chosen", "rejected")}
+    save_file(tensors, str(path), metadata={"ids": json.dumps(list(stored["ids"]))})
+
+
+def read_reference_logps(path: str | Path) -> dict:
+    """{"ids", "chosen", "rejected"} from `save_reference_logps`'s file; a `.pt` file (what
+    the benchmarks and older runs wrote) is read with torch's weights-only loader."""
+    if str(path).endswith(".pt"):
+        return torch.load(path, weights_only=True)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        ids = json.loads(f.metadata()["ids"])
+        return {"ids": ids, "chosen": f.get_tensor("chosen"), "rejected": f.get_tensor("rejected")}
 
 
 def pair_ids(pairs: list[dict]) -> list[str]:
@@ -80,7 +158,7 @@ def pair_ids(pairs: list[dict]) -> list[str]:
     return [str(p.get("id", f"row-{i}")) for i, p in enumerate(pairs)]
 
 
-def _row_length(pair: tuple[list[int], list[int], list[int]]) -> int:
+def row_length(pair: TokenizedPair) -> int:
     """The longer of a pair's two rows (prompt + answer): its padded width in a batch."""
     prompt_ids, chosen_ids, rejected_ids = pair
     return len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))

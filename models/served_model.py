@@ -10,16 +10,22 @@ serving stack is installed. The price is a small copy of `dpoflow.models.generat
 sampling (prompt encoding, left padding, stop at eos, temperature 0 = greedy, one fixed
 seed per batch); tests/test_serving.py checks that both give the same answers.
 
-A request is a DataFrame with a `prompt` column and optional `max_new_tokens` and
-`temperature` columns; the first row's values apply to the whole request. The answer is a
-DataFrame with one `text` column.
+A request is a DataFrame whose rows each hold either a `prompt` (plain text, continued as
+is) or `messages` (an OpenAI chat-completions message list: `role`/`content` dicts, rendered
+with the tokenizer's chat template, or as the pipeline renders chats without one), with
+optional `max_new_tokens` and `temperature` columns whose first row applies to the whole
+request. The answer is a DataFrame: `text`, `prompt_tokens`, `completion_tokens` (the eos
+included when it was generated) and `finish_reason` (`stop` at eos, else `length`).
 """
 
 from __future__ import annotations
 
+import threading
+
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -29,44 +35,68 @@ DEFAULT_TEMPERATURE = 1.0
 BATCH_SIZE = 64
 SEED = 0
 _SEED_STRIDE = 1_000_003
+# Sampling seeds torch's process-wide RNG (transformers' generate takes no generator), and a
+# server answers requests from several threads: one at a time keeps each answer reproducible.
+_GENERATE = threading.Lock()
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
-    """pyfunc model: a DataFrame with a `prompt` column in, a `text` column of answers out."""
+    """pyfunc model: rows of `prompt` or chat `messages` in; answers and token counts out."""
 
     def load_context(self, context) -> None:
         folder = context.artifacts["model_dir"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        # safetensors only: a pickled `pytorch_model.bin` is refused, not loaded.
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True
-        ).eval()
+        self.model = _load_model(folder, context.artifacts.get("base_model_dir")).eval()
         if self.tokenizer.pad_token_id is None:
             # Padding positions are masked out, so any token will do; eos always exists.
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        prompts = [str(prompt) for prompt in model_input["prompt"]]
+        prompts = [self._prompt_ids(row) for row in model_input.to_dict("records")]
         max_new_tokens = int(_first(model_input, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         temperature = float(_first(model_input, "temperature", DEFAULT_TEMPERATURE))
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}: send 0 or more.")
-        answers: list[str] = []
+            raise _bad_request(f"temperature must be >= 0, got {temperature}: send 0 or more.")
+        if max_new_tokens < 1:
+            raise _bad_request(
+                f"max_new_tokens must be at least 1, got {max_new_tokens}: send 1 or more."
+            )
+        answers: list[list[int]] = []
         for index, start in enumerate(range(0, len(prompts), BATCH_SIZE)):
             batch = prompts[start : start + BATCH_SIZE]
             answers += self._generate(
                 batch, max_new_tokens, temperature, SEED * _SEED_STRIDE + index
             )
-        return pd.DataFrame({"text": answers})
+        eos = self.tokenizer.eos_token_id
+        return pd.DataFrame(
+            {
+                "text": [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers],
+                "prompt_tokens": [len(ids) for ids in prompts],
+                "completion_tokens": [len(ids) for ids in answers],
+                "finish_reason": ["stop" if eos in ids else "length" for ids in answers],
+            }
+        )
+
+    def _prompt_ids(self, row: dict) -> list[int]:
+        """The token ids a row asks to continue: its prompt, or its chat rendered."""
+        prompt, messages = row.get("prompt"), row.get("messages")
+        has_prompt, has_messages = _present(prompt), _present(messages)
+        if has_prompt == has_messages:
+            raise _bad_request(
+                "each request row needs exactly one of 'prompt' (text) and 'messages' (a chat "
+                "list), got " + ("both" if has_prompt else "neither") + ": send one of them."
+            )
+        if has_prompt:
+            return _encode(self.tokenizer, str(prompt))
+        return _encode(self.tokenizer, _render_chat(self.tokenizer, _checked(messages)))
 
     def _generate(
-        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int
-    ) -> list[str]:
-        """One batch: left-padded prompts, sampled under `seed` without touching the global RNG."""
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[list[int]]:
+        """One batch: left-padded prompt ids, sampled under `seed` without touching the global
+        RNG; the new ids of each row, through its first eos."""
         tokenizer = self.tokenizer
-        input_ids, attention_mask = _left_pad(
-            [_encode(tokenizer, prompt) for prompt in prompts], tokenizer.pad_token_id
-        )
+        input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
         # Spelled out in full, so the model's generation_config (e.g. top_k=50) adds nothing.
         sampling = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
         if temperature == 0:
@@ -75,7 +105,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             sampling |= {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
         device = self.model.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+        with _GENERATE, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids.to(device),
@@ -88,10 +118,23 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 **sampling,
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
-        return [
-            tokenizer.decode(_through_eos(ids, tokenizer.eos_token_id), skip_special_tokens=True)
-            for ids in new_tokens
-        ]
+        return [_through_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
+
+
+def _load_model(folder: str, base_folder: str | None):
+    """The weights folder, or (registry.merge_adapters: false) the LoRA adapter in it applied to
+    the base logged beside it, merged once here so that generation pays nothing for it.
+    safetensors only: a pickled `pytorch_model.bin` is refused, not loaded."""
+    if base_folder is None:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True
+        )
+    from peft import PeftModel  # only an adapter needs it (logged then among the requirements)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_folder, dtype=torch.float32, use_safetensors=True
+    )
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def _first(frame: pd.DataFrame, column: str, default):
@@ -101,9 +144,42 @@ def _first(frame: pd.DataFrame, column: str, default):
     return frame[column].iloc[0]
 
 
+def _present(value) -> bool:
+    """False for an absent cell (None, NaN), True for anything else, lists included."""
+    return value is not None and not (isinstance(value, float) and pd.isna(value))
+
+
+def _bad_request(message: str) -> MlflowException:
+    """A client's mistake: MLflow's server answers it as a 400 with this message."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _checked(messages) -> list[dict]:
+    """The chat as {role, content} dicts (the signature made sure each message has both), or a
+    bad request when it is empty."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if not messages:
+        raise _bad_request("'messages' is empty: send at least one message.")
+    return messages
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat as the prompt the model answers: its chat template with the assistant's turn
+    opened, or, for a tokenizer without one, the plain `role: content` lines the pipeline
+    trains chats with (`dpoflow.data_checks.loading`); tests/test_serving.py checks both match.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
 def _encode(tokenizer, prompt: str) -> list[int]:
-    """bos (if any) + the prompt's tokens, as training saw prompts; an empty prompt without bos
-    starts from eos, since generation needs one token to condition on."""
+    """bos (if any, and unless a chat template already wrote it) + the prompt's tokens, as
+    training saw prompts; an empty prompt without bos starts from eos, since generation needs
+    one token to condition on."""
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos):
+        prompt = prompt[len(bos) :]
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]

@@ -38,16 +38,19 @@ from pathlib import Path
 
 import torch
 
+from dpoflow.models import lora
 from dpoflow.models.cpu_memory import add_embedding_grads_in_place, heap_trimmer
+from dpoflow.models.drift import SAMPLES_FILE, DriftProbe, sample_answers
 from dpoflow.models.logprobs import (
     collate,
-    pair_batch,
     sequence_logps,
     split_pair_logps,
     tokenize_example,
 )
 from dpoflow.models.losses import preference_loss
-from dpoflow.models.reference import pair_ids
+from dpoflow.models.packing import pair_inputs
+from dpoflow.models.progress import Progress
+from dpoflow.models.reference import pair_ids, read_reference_logps
 
 # infra/deepspeed/ is installed as the data package `dpoflow.deepspeed` (pyproject.toml).
 INFRA = Path(str(resources.files("dpoflow.deepspeed")))
@@ -112,6 +115,31 @@ def split_heldout(examples: list, cfg: dict) -> tuple[list, list]:
     )
 
 
+def planned_steps(n_examples: int, cfg: dict) -> int:
+    """Optimizer steps of a run: `max_steps`, or `epochs` passes rounded up to whole steps."""
+    if cfg.get("epochs"):
+        return math.ceil(cfg["epochs"] * n_examples / cfg["batch_size"])
+    return cfg["max_steps"]
+
+
+def examples_read(n: int, cfg: dict) -> list[int]:
+    """Indices (into the data file) of every example a run of `cfg` reads, sorted.
+
+    Derived from the loop's own choices: `split_heldout` (the held-out examples are read at
+    every evaluation) and `batch_indices`. The batches of steps 0..S-1 are consecutive slices
+    of one stream of per-epoch permutations, so together they are that stream's first
+    S x batch_size entries: `batch_indices` at step 0 with that size.
+    """
+    train_rows, heldout = split_heldout(list(range(n)), cfg)
+    if not train_rows:
+        return sorted(heldout)
+    read = planned_steps(len(train_rows), cfg) * cfg["batch_size"]
+    if read >= len(train_rows):  # at least one whole epoch: every training example
+        return sorted(train_rows + heldout)
+    first = batch_indices(len(train_rows), 0, read, cfg["seed"])
+    return sorted({train_rows[i] for i in first} | set(heldout))
+
+
 def micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """Cut a global batch into this rank's micro-batches (one per accumulation step)."""
     chunk = len(indices) // grad_accum
@@ -143,24 +171,28 @@ class DPOObjective:
         self.reference_logps = reference_logps  # {"chosen": [P], "rejected": [P]} by index
         self.reference_model = reference_model
 
-    def reference(self, batch: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(
+        self, batch, logps_fn, idx: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_logps is not None:
             rows = torch.tensor(idx)
-            device = batch["input_ids"].device
             return (
                 self.reference_logps["chosen"][rows].to(device),
                 self.reference_logps["rejected"][rows].to(device),
             )
         with torch.no_grad():
-            return split_pair_logps(sequence_logps(self.reference_model, batch)["logps"])
+            return split_pair_logps(logps_fn(self.reference_model, batch)["logps"])
 
     def __call__(self, model, examples, idx, pad_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
         items = [examples[i] for i in idx]
-        batch = to_device(pair_batch([e[:3] for e in items], pad_id), model)  # 2B rows: c, r
-        out = sequence_logps(model, batch)
+        device = next(model.parameters()).device
+        # dpo.packing: padded rows, or packed end to end (models/packing.py); either way the
+        # outputs come back as 2B rows, chosen then rejected.
+        batch, logps_fn = pair_inputs([e[:3] for e in items], pad_id, cfg["packing"], device)
+        out = logps_fn(model, batch)
         policy_chosen, policy_rejected = split_pair_logps(out["logps"])  # [B], [B]
         len_chosen, len_rejected = split_pair_logps(out["n_tokens"].float())
-        ref_chosen, ref_rejected = self.reference(batch, [e[3] for e in items])
+        ref_chosen, ref_rejected = self.reference(batch, logps_fn, [e[3] for e in items], device)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
@@ -315,11 +347,19 @@ def train(job: dict) -> dict:
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    # LoRA / QLoRA: the config's `model.lora` and `model.load_in_4bit` (absent: full fine-tuning).
+    adapters = job.get("adapters") or {}
+    load_in_4bit = bool(adapters.get("load_in_4bit"))
     model = AutoModelForCausalLM.from_pretrained(
-        job["model_path"], revision=revision, dtype=torch.float32
+        job["model_path"], revision=revision, dtype=torch.float32, **lora.load_kwargs(load_in_4bit)
     )
-    if cfg["gradient_checkpointing"]:  # recompute activations: less memory, more time
-        model.gradient_checkpointing_enable()
+    model = lora.prepare(
+        model,
+        adapters.get("lora"),
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+    )
+    adapted = lora.is_adapted(model)
     pairs = read_pairs(job["data_path"])
 
     if job["kind"] == "sft":
@@ -338,10 +378,21 @@ def train(job: dict) -> dict:
                 reference_model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         objective = DPOObjective(cfg, reference_logps, reference_model)
     examples, heldout = split_heldout(examples, cfg)
-    if cfg.get("epochs"):  # passes over the data, rounded up to whole steps
-        cfg["max_steps"] = math.ceil(cfg["epochs"] * len(examples) / cfg["batch_size"])
+    cfg["max_steps"] = planned_steps(len(examples), cfg)  # `epochs` rounded up to steps
+    probe_answers = None
+    if job["kind"] == "dpo" and heldout and resume_tag is None:
+        # The drift probe's answers (models/drift.py), sampled while the policy is still its
+        # reference and before ZeRO-3 partitions it: every rank has the whole model here.
+        probe_answers = sample_answers(
+            model,
+            tokenizer,
+            [pairs[e[3]]["prompt"] for e in heldout],
+            max_new_tokens=cfg["max_length"] - cfg["max_prompt_length"],
+            batch_size=max(1, cfg["batch_size"] // world),
+            seed=cfg["seed"],
+        )
 
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = make_optimizer(lora.trainable_parameters(model), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
@@ -359,11 +410,24 @@ def train(job: dict) -> dict:
         if job["distributed"]["precision"] == "fp32":
             add_embedding_grads_in_place(engine.module)
 
+    if adapted:
+        lora.checkpoint_adapters_only(engine)
     start_step = 0
     if resume_tag is not None:
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+        # An adapted model's checkpoint holds the adapters only; the frozen base is loaded above.
+        _, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=resume_tag, load_module_strict=not adapted
+        )
         start_step = int(client_state["step"])
         torch.set_rng_state(client_state["rng"])
+    probe = drift_probe(
+        engine,
+        probe_answers,
+        metrics_path.with_name(SAMPLES_FILE),
+        pad_id,
+        batch_size=max(1, cfg["batch_size"] // world),
+        rank=rank,
+    )
     if rank == 0:
         truncate_metrics(metrics_path, start_step)
         print(
@@ -373,10 +437,19 @@ def train(job: dict) -> dict:
         )
 
     rate_name = "pairs_per_s" if job["kind"] == "dpo" else "sequences_per_s"
-    report_every = max(1, cfg["max_steps"] // 10)  # progress in the log, ten lines a run
+    progress = Progress(
+        f"[{job['kind']}] training",
+        cfg["max_steps"],
+        "steps",
+        log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None),
+        already=start_step,
+    )
     seen_examples, seen_tokens, t_loop = 0, 0.0, time.time()
     last: dict[str, float] = {}
     trim_heap = heap_trimmer()
+    # DeepSpeed's ZeRO, bf16 and fp16 optimizer wrappers record the global gradient norm; with
+    # ZeRO-0 in fp32 it keeps the plain torch optimizer, which does not: the loop measures it.
+    own_norm = isinstance(engine.optimizer, torch.optim.Optimizer)
     for step in range(start_step, cfg["max_steps"]):
         global_idx = batch_indices(len(examples), step, cfg["batch_size"], cfg["seed"])
         step_metrics: dict[str, torch.Tensor] = {}
@@ -385,6 +458,10 @@ def train(job: dict) -> dict:
             if trim_heap is not None:
                 trim_heap()
             engine.backward(loss)
+            if own_norm and engine.is_gradient_accumulation_boundary():
+                # Before step() clips and clears them; all-reduced by now (ZeRO-0 does it in
+                # the boundary's backward), so every rank measures the global norm.
+                norm = gradient_norm(engine.module)
             engine.step()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / cfg["grad_accum"]
@@ -393,26 +470,21 @@ def train(job: dict) -> dict:
         seen_tokens += last.pop("tokens") * cfg["grad_accum"]
         elapsed = max(time.time() - t_loop, 1e-9)
         last.update(
-            grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            grad_norm=norm if own_norm else float(engine.get_global_grad_norm()),
             learning_rate=scheduler.get_last_lr()[0],
             **{rate_name: seen_examples / elapsed},
             tokens_per_s=seen_tokens / elapsed,
         )
         if heldout and (step + 1) % cfg["eval_every"] == 0:
-            last.update(evaluate_heldout(engine, objective, heldout, pad_id, cfg, world))
+            last.update(evaluate_heldout(engine, objective, heldout, pad_id, cfg, world, probe))
         stop_if_orphaned(job, step + 1)
         if rank == 0:
             append_metrics(metrics_path, step + 1, last)
-            if (step + 1) % report_every == 0 or step + 1 == cfg["max_steps"]:
-                print(
-                    f"[{job['kind']}] step {step + 1}/{cfg['max_steps']} loss "
-                    f"{last['loss']:.4f} {rate_name} {last[rate_name]:.1f}",
-                    flush=True,
-                )
+            progress.update(step + 1, f"loss {last['loss']:.4f} {rate_name} {last[rate_name]:.1f}")
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < cfg["max_steps"]:
-            save_checkpoint(engine, ckpt_dir, step + 1, rank)
+            save_checkpoint(engine, ckpt_dir, step + 1, rank, trainable_only=adapted)
 
-    save_model(engine, tokenizer, out_dir, job["distributed"]["zero_stage"], rank)
+    save_model(engine, tokenizer, out_dir, job, rank)
     result = {
         "kind": job["kind"],
         "steps": cfg["max_steps"],
@@ -432,10 +504,25 @@ def train(job: dict) -> dict:
     return result
 
 
+def gradient_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of all of the model's gradients together, as clipping measures it."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 @torch.no_grad()
-def evaluate_heldout(engine, objective, heldout: list, pad_id: int, cfg: dict, world: int) -> dict:
+def evaluate_heldout(
+    engine,
+    objective,
+    heldout: list,
+    pad_id: int,
+    cfg: dict,
+    world: int,
+    probe: DriftProbe | None = None,
+) -> dict:
     """Mean loss and metrics on the held-out examples (every rank runs all of them:
-    under ZeRO-3 every rank must take part in each forward pass)."""
+    under ZeRO-3 every rank must take part in each forward pass); for DPO also the answers'
+    lengths and, with a drift probe, the KL estimate `kl_ref_policy` (models/drift.py)."""
     engine.module.eval()
     per_batch = max(1, cfg["batch_size"] // world)
     totals: dict[str, float] = {}
@@ -443,11 +530,29 @@ def evaluate_heldout(engine, objective, heldout: list, pad_id: int, cfg: dict, w
     for start in batches:
         idx = list(range(start, min(start + per_batch, len(heldout))))
         _, metrics = objective(engine.module, heldout, idx, pad_id, cfg)
+        if isinstance(objective, DPOObjective):  # mean answer tokens, beside the drift curve
+            for name, column in (("length/chosen", 1), ("length/rejected", 2)):
+                metrics[name] = sum(len(heldout[i][column]) for i in idx) / len(idx)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    if probe is not None:
+        totals["kl_ref_policy"] = probe.kl(engine.module, pad_id, per_batch)
     engine.module.train()
     totals.pop("tokens", None)
     return {f"eval/{k}": v for k, v in totals.items()}
+
+
+def drift_probe(
+    engine, answers: list | None, path: Path, pad_id: int, *, batch_size: int, rank: int
+) -> DriftProbe | None:
+    """The held-out drift probe: recorded now from freshly sampled `answers` (the policy is
+    still its reference), or the one a resumed job recorded at its step 0; None without one."""
+    if answers is None:
+        return DriftProbe.load(path)
+    probe = DriftProbe.record(engine.module, answers, pad_id, batch_size)
+    if rank == 0:
+        probe.save(path)
+    return probe
 
 
 def stop_if_orphaned(job: dict, step: int) -> None:
@@ -471,11 +576,21 @@ def stop_if_orphaned(job: dict, step: int) -> None:
 
 
 def load_reference_logps(path: str, pairs: list[dict]) -> dict[str, torch.Tensor]:
-    """Reference log-probs stored by example id, re-ordered to this data's order."""
-    stored = torch.load(path)
+    """Reference log-probs stored by example id, re-ordered to this data's order.
+
+    The reference stage stores only the pairs this run reads (`examples_read`); the others are
+    NaN, so a pair read by mistake makes the loss NaN at once instead of training on nothing.
+    """
+    stored = read_reference_logps(path)
     row = {example_id: i for i, example_id in enumerate(stored["ids"])}
-    order = torch.tensor([row[example_id] for example_id in pair_ids(pairs)])
-    return {"chosen": stored["chosen"][order], "rejected": stored["rejected"][order]}
+    at = torch.tensor([row.get(i, -1) for i in pair_ids(pairs)], dtype=torch.long)  # [P]
+    found = at >= 0
+    out = {}
+    for side in ("chosen", "rejected"):
+        values = torch.full((len(pairs),), float("nan"))  # [P]
+        values[found] = stored[side][at[found]].float()
+        out[side] = values
+    return out
 
 
 def reduce_metrics(metrics: dict[str, torch.Tensor], world: int, dist) -> dict[str, float]:
@@ -509,8 +624,12 @@ def truncate_metrics(path: Path, start_step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int) -> None:
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, rank: int, trainable_only: bool = False
+) -> None:
     """A resume point: the checkpoint, then its files' sha256, then `latest` naming it.
+
+    `trainable_only` (LoRA): the frozen base is left out; it is the model the job starts from.
 
     `latest` is written here rather than by DeepSpeed so that it only ever names a checkpoint
     whose hashes are recorded: a kill in between leaves the previous checkpoint to resume from.
@@ -521,6 +640,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int) -> None:
         tag=tag,
         client_state={"step": step, "rng": torch.get_rng_state()},
         save_latest=False,
+        exclude_frozen_parameters=trainable_only,
     )
     # DeepSpeed's save ends with a barrier, so every rank's files of this tag are complete.
     if rank == 0:
@@ -608,14 +728,29 @@ def verify_checkpoint(ckpt_dir: Path, tag: str, rank: int, world: int, dist) -> 
         )
 
 
-def save_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) -> None:
-    """Save an ordinary Hugging Face folder (ZeRO-3 gathers the partitioned weights first)."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+def save_model(engine, tokenizer, out_dir: Path, job: dict, rank: int) -> None:
+    """Save an ordinary Hugging Face folder (ZeRO-3 gathers the partitioned weights first).
+
+    With LoRA the folder holds the base with the adapters merged in, and the adapter alone
+    goes beside it (`models/lora.py`).
+    """
+    zero3 = job["distributed"]["zero_stage"] == 3
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            state_dict = engine.module.state_dict()
-        engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        if lora.is_adapted(engine.module):
+            lora.save_merged(
+                engine.module,
+                out_dir,
+                base_path=job["model_path"],
+                revision=job.get("model_revision"),
+                state_dict=state_dict,
+            )
+            tokenizer.save_pretrained(out_dir.parent / lora.ADAPTER_DIR)
+        else:
+            if state_dict is None:
+                state_dict = engine.module.state_dict()
+            engine.module.save_pretrained(out_dir, state_dict=state_dict)
         tokenizer.save_pretrained(out_dir)
 
 

@@ -14,6 +14,7 @@ one work directory never build it twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -127,16 +128,41 @@ def retry_delays() -> list[float]:
         ) from None
 
 
+# The state name of a stage whose output was already there: Prefect's own name for its cache
+# hits, so the UI shows one word for "not built in this run", whichever cache found it.
+CACHED = "Cached"
+
+
+def reused_state(result: dict[str, Any]) -> Any:
+    """A task body's result as its final Prefect state: "Cached" when `build_once` found the
+    output already built (another work directory's copy, another run), else the result as is.
+    Without this, Prefect shows a stage that did nothing as "Completed"."""
+    from prefect.states import Completed
+
+    if TaskRunContext.get() is None or not result.get("reused"):
+        return result  # called as a plain function (tests, scripts): the result itself
+    where = result["manifest"]["path"]
+    return Completed(name=CACHED, data=result, message=f"dpoflow's stage cache: {where}")
+
+
 def stage_task(name: str, *, retries: int = 2) -> Callable:
     """Decorator: a Prefect task cached on its `key` parameter and retried on crashes.
-    Its retry delays are set per run (`retry_delays`)."""
-    return task(
-        name=name,
-        cache_key_fn=_cache_key,
-        persist_result=True,
-        retries=retries,
-        retry_condition_fn=_retry_unless_user_error,
-    )
+    Its retry delays are set per run (`retry_delays`); a reused output ends "Cached"."""
+
+    def decorate(fn: Callable[..., dict[str, Any]]) -> Any:
+        @functools.wraps(fn)  # keeps the module: the code version is derived from it
+        def body(*args: Any, **kwargs: Any) -> Any:
+            return reused_state(fn(*args, **kwargs))
+
+        return task(
+            name=name,
+            cache_key_fn=_cache_key,
+            persist_result=True,
+            retries=retries,
+            retry_condition_fn=_retry_unless_user_error,
+        )(body)
+
+    return decorate
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpoflow.tasks.common import Stage, build_once, dump, stage_task
-from dpoflow.tasks.tracking import flatten
-from dpoflow.tasks.training import train_in_child
+from dpoflow.tasks.lineage import DESCRIPTION, SFT_RUN_ID, link_sft_and_dpo, validated_data
+from dpoflow.tasks.tracking import flatten, server_errors, tracking_uri
+from dpoflow.tasks.training import adapter_section, train_in_child
 
 
 @stage_task("dpo")
@@ -18,24 +19,27 @@ def dpo(key: str, workdir: str, section: dict, upstream: dict) -> dict:
         tags = {
             "dpoflow.stage": "dpo",
             "dpoflow.data_sha256": data["data_sha256"],
-            "dpoflow.sft_run_id": sft["mlflow_run_id"],
+            SFT_RUN_ID: sft["mlflow_run_id"],
             "dpoflow.validation": "passed",
+            # The evaluation stage replaces it with the headline result.
+            DESCRIPTION: f"DPO β={dpo_cfg['beta']:g}, {dpo_cfg['loss_type']}: not evaluated yet.",
         }
         if section["parent_run_id"]:
             tags["mlflow.parentRunId"] = section["parent_run_id"]
-        # β first, so it leads the MLflow compare view; then every value that matters.
-        params = {"beta": str(dpo_cfg["beta"]), "loss_type": dpo_cfg["loss_type"]}
-        params.update(flatten("", section["logged_config"]))
+        # Each value once, under its config key (`dpo.beta`): β and the loss type first.
+        params = flatten("", section["logged_config"])
+        params = {k: params[k] for k in ("dpo.beta", "dpo.loss_type")} | params
         reference_path = None
         if reference is not None:
             reference_path = str(Path(reference["path"]) / reference["logps"])
-        return train_in_child(
+        result = train_in_child(
             partial,
             kind="dpo",
             workdir=workdir,
             section=dpo_cfg,
             distributed=section["distributed"],
             mlflow_cfg=section["mlflow"],
+            adapters=section["adapters"],
             model_path=str(Path(sft["path"]) / sft["model"]),
             data_path=str(Path(data["path"]) / "pairs.jsonl"),
             run_name=f"dpo-{dpo_cfg['loss_type']}-beta{dpo_cfg['beta']}",
@@ -44,7 +48,12 @@ def dpo(key: str, workdir: str, section: dict, upstream: dict) -> dict:
             reference_logps_path=reference_path,
             # The Great Expectations report and Data Docs travel with the run they gated.
             artifacts={"validation": Path(data["path"]) / "report"},
+            datasets=validated_data(data),
         )
+        uri = tracking_uri(section["mlflow"]["tracking_uri"], workdir)
+        with server_errors(uri, "linking the DPO run and its SFT run"):
+            link_sft_and_dpo(uri, sft["mlflow_run_id"], result["mlflow_run_id"])
+        return result
 
     return build_once("dpo", key, workdir, section, upstream, build)
 
@@ -54,6 +63,7 @@ STAGE = Stage(
     task=dpo,
     reads=lambda cfg, parent_run_id: {
         "dpo": dump(cfg.dpo),
+        "adapters": adapter_section(cfg),
         "distributed": dump(cfg.distributed),
         "mlflow": dump(cfg.mlflow),
         "parent_run_id": parent_run_id,  # a sweep's child trains its own run

@@ -57,13 +57,13 @@ def check_batch_layout(train: dict, distributed: dict) -> None:
         )
 
 
-def launcher_command(job_path: Path, distributed: dict) -> list[str]:
+def launcher_command(job_path: Path, distributed: dict, module: str = TRAINER) -> list[str]:
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [deepspeed, "--master_port", str(distributed.get("master_port") or free_port())]
     if distributed.get("hostfile"):  # a cluster: DeepSpeed's own multi-node launcher
         cmd += ["--hostfile", distributed["hostfile"], "--num_nodes", str(distributed["num_nodes"])]
     cmd += ["--num_gpus", str(distributed.get("num_gpus") or distributed["num_processes"])]
-    return cmd + ["--module", TRAINER, "--job", str(job_path)]
+    return cmd + ["--module", module, "--job", str(job_path)]
 
 
 def child_env(distributed: dict) -> dict[str, str]:
@@ -107,16 +107,19 @@ def run_training(
     log: Callable[[str], None],
     on_metrics: Callable[[list[dict]], None],
     timeout_seconds: float | None = None,
+    module: str = TRAINER,
 ) -> dict:
     """Launch the job, stream it, return its result.json; raise TrainingFailed on failure,
     CheckpointError when the job refused the checkpoint it was to resume from, and
-    TrainingTimedOut past `timeout_seconds` (the job's process group is ended either way)."""
+    TrainingTimedOut past `timeout_seconds` (the job's process group is ended either way).
+    `module` is the worker the launcher runs in every process: the training loop, or another
+    job that shares its launch (the reference log-probs)."""
     check_batch_layout(job["train"], job["distributed"])
     job = {**job, "owner_pid": os.getpid()}  # the job stops itself if this process is killed
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
     (work / JOB_ERROR).unlink(missing_ok=True)  # an earlier attempt's, not this one's
-    cmd = launcher_command(job_path, job["distributed"])
+    cmd = launcher_command(job_path, job["distributed"], module)
     log("launch: " + " ".join(cmd))
     proc = subprocess.Popen(
         cmd,

@@ -32,6 +32,7 @@ from dpoflow.errors import ModelError
 from dpoflow.models.evaluation import WinRate, judge_answers, win_rate_from_verdicts
 from dpoflow.tasks.common import Stage, build_once, dump, stage_logger, stage_task
 from dpoflow.tasks.evaluate import read_prompt_rows
+from dpoflow.tasks.lineage import describe_version
 from dpoflow.tasks.tracking import (
     client,
     registry_lookup,
@@ -84,6 +85,10 @@ def decide(
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+# The champion a promotion replaced: where `--rollback` moves `champion` back to. Each
+# champion also keeps its predecessor in the PREDECESSOR tag, so rollbacks can go on.
+PREVIOUS_CHAMPION = "previous-champion"
+PREDECESSOR = "promotion.previous_champion"
 # The version tags `dpoflow models` shows, in this order.
 FIGURES = ("win_rate", "win_rate_ci", "beta", "loss_type", "judge", "promotion.reason")
 
@@ -108,12 +113,30 @@ def get_version(c, name: str, version: str):
     return found
 
 
-def champion_version(c, name: str) -> str | None:
-    """The version `champion` points to; None only when the registry says it is not set."""
+def alias_version(c, name: str, alias: str) -> str | None:
+    """The version `alias` points to; None only when the registry says it is not set."""
     found = registry_lookup(
-        lambda: c.get_model_version_by_alias(name, CHAMPION), f"looking up the champion of {name}"
+        lambda: c.get_model_version_by_alias(name, alias), f"looking up the {alias} of {name}"
     )
     return None if found is None else str(found.version)
+
+
+def champion_version(c, name: str) -> str | None:
+    """The version `champion` points to; None only when the registry says it is not set."""
+    return alias_version(c, name, CHAMPION)
+
+
+def registry_state(uri: str, name: str, version: str) -> dict[str, Any]:
+    """What the registry says now of `version`: its aliases, the champion, and the reason
+    its latest promotion decision recorded. A cached run reports this, not what was true when
+    its promote stage ran: other runs may have moved the aliases since."""
+    c = registry(uri)
+    found = get_version(c, name, version)
+    return {
+        "aliases": sorted(found.aliases),
+        "champion": champion_version(c, name),
+        "promotion_reason": found.tags.get("promotion.reason", ""),
+    }
 
 
 def list_versions(c, name: str | None = None) -> list[dict[str, Any]]:
@@ -171,9 +194,13 @@ def head_to_head(
         key: eval_section[key]
         for key in ("max_new_tokens", "temperature", "top_p", "batch_size", "seed")
     }
-    ours = generate(*load_generator(name, candidate), prompts, **sampling)
+    log = stage_logger().info  # generation's progress lines
+    ours = generate(*load_generator(name, candidate), prompts, **sampling, log=log)
     theirs = generate(
-        *load_generator(name, champion), prompts, **(sampling | {"seed": sampling["seed"] + 1})
+        *load_generator(name, champion),
+        prompts,
+        **(sampling | {"seed": sampling["seed"] + 1}),
+        log=log,
     )
     judge = make_judge(eval_section["judge"], eval_section)
     judged = judge_answers(judge, prompts, ours, theirs)
@@ -225,8 +252,9 @@ def promote_version(
         tags["promotion.head_to_head"] = f"{h2h.rate:.4f} [{h2h.low:.4f}, {h2h.high:.4f}]"
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, value)
-    if decision.promote:
-        c.set_registered_model_alias(name, CHAMPION, version)
+    describe_version(c, name, version, decision.reason)
+    if decision.promote and champion != version:
+        move_champion(c, name, version, previous=champion)
     return {
         "name": name,
         "version": version,
@@ -234,6 +262,47 @@ def promote_version(
         "promoted": decision.promote,
         "reason": decision.reason,
         "champion_before": champion,
+    }
+
+
+def move_champion(c, name: str, version: str, *, previous: str | None) -> None:
+    """Make `version` the champion, remembering the one it replaces for `--rollback`."""
+    if previous is not None:
+        c.set_model_version_tag(name, version, PREDECESSOR, previous)
+        c.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+    c.set_registered_model_alias(name, CHAMPION, version)
+
+
+def rollback(uri: str, name: str) -> dict[str, Any]:
+    """Move `champion` back to `previous-champion`; that alias then moves to the predecessor of
+    the restored version (its PREDECESSOR tag), or goes when it had none."""
+    c = registry(uri)
+    current = champion_version(c, name)
+    found = registry_lookup(
+        lambda: c.get_model_version_by_alias(name, PREVIOUS_CHAMPION),
+        f"looking up the previous champion of {name}",
+    )
+    if current is None or found is None:
+        raise ModelError(
+            f"model '{name}' has no {'champion' if current is None else PREVIOUS_CHAMPION} "
+            "to roll back from: promote a version with `dpoflow promote NAME VERSION` instead."
+        )
+    restored = str(found.version)
+    earlier = found.tags.get(PREDECESSOR)
+    c.set_model_version_tag(
+        name, current, "promotion.reason", f"was champion; rolled back to v{restored} by hand"
+    )
+    c.set_registered_model_alias(name, CHAMPION, restored)
+    if earlier and earlier != restored:
+        c.set_registered_model_alias(name, PREVIOUS_CHAMPION, earlier)
+    else:
+        c.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    return {
+        "name": name,
+        "version": restored,
+        "rolled_back_from": current,
+        "previous_champion": earlier if earlier and earlier != restored else None,
+        "aliases": sorted(c.get_model_version(name, restored).aliases),
     }
 
 

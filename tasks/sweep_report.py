@@ -97,11 +97,14 @@ def report(uri: str, parent_run_id: str, summaries: list[dict], out_dir: Path) -
 
     rows = children_rows(summaries)
     figure = frontier_figure(rows, out_dir / parent_run_id / "frontier.png")
-    client(uri)
+    c = client(uri)
     with mlflow.start_run(run_id=parent_run_id):
         mlflow.log_artifact(str(figure), artifact_path=str(Path(FIGURE).parent))
         mlflow.log_table(pd.DataFrame(rows), artifact_file=TABLE)
         artifact_uri = mlflow.get_artifact_uri(FIGURE)
+    # Each child carries the frontier too: a person who opens one β's run sees where it sits.
+    for child in dict.fromkeys(r["mlflow_run_id"] for r in rows):
+        c.log_artifact(child, str(figure), artifact_path=str(Path(FIGURE).parent))
     publish_table(rows)
     return {"rows": rows, "figure": str(figure), "figure_artifact": artifact_uri}
 

@@ -123,7 +123,36 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3 opens an experiment of unknown kind on its GenAI (traces) pages; this tag says it
+# holds training runs. The UI's sidebar switch (GenAI / Machine learning, remembered by the
+# browser) still wins, hence the `workflowType` in RUNS_VIEW_PATH.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A runs-table view stored on the experiment (what the UI's "Share" button stores): the
+# columns a person compares runs by. MLflow keeps no per-experiment default columns, so this
+# view opens from RUNS_VIEW_PATH (README); the plain runs page shows MLflow's defaults.
+RUNS_VIEW_KEY = "dpoflow-runs"
+RUNS_VIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "attributes.`Models`",
+    "params.`dpo.beta`",
+    "params.`dpo.loss_type`",
+    "metrics.`eval/win_rate`",
+    "metrics.`eval/kl`",
+    "attributes.`Description`",
+)
+RUNS_VIEW_PATH = "#/experiments/{id}/runs?viewStateShareKey=" + RUNS_VIEW_KEY
+RUNS_VIEW_PATH += "&workflowType=machine_learning"
+
+
+def experiment_tags() -> dict[str, str]:
+    import json
+
+    view = {"selectedColumns": list(RUNS_VIEW_COLUMNS), "columnOrder": [], "columnWidths": {}}
+    return EXPERIMENT_KIND | {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
+
+
 def experiment_id(uri: str, name: str, workdir: str | Path) -> str:
+    """The id of experiment `name`, created (with its kind and runs view) when missing."""
     import mlflow
 
     c = client(uri)
@@ -135,11 +164,20 @@ def experiment_id(uri: str, name: str, workdir: str | Path) -> str:
             "server or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri."
         ) from exc
     if experiment is not None:
+        # An experiment made before these tags existed gets them once.
+        for key, value in experiment_tags().items():
+            if experiment.tags.get(key) != value:
+                c.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the SQLite store, not in ./mlruns
         location = (Path(workdir).resolve() / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=experiment_tags())
+
+
+def sft_experiment(name: str) -> str:
+    """The SFT runs' experiment: their losses (up to ~6) would flatten the DPO curves."""
+    return f"{name}-sft"
 
 
 def start_or_resume_run(

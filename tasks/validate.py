@@ -54,17 +54,27 @@ def check_data(
     base_model: dict[str, str],
     max_length: int,
     report_dir: Path | None = None,
+    max_prompt_length: int | None = None,
 ):
     """The suite on the data as the run will see it: what `dpoflow validate` and this stage
-    both do, so they give one verdict. The base model's tokenizer renders conversational
-    data with its chat template and measures lengths. Returns (pairs, prompts, report)."""
+    both do, so they give one verdict. The base model's tokenizer renders prompts with its
+    chat template (data.chat_template) and measures lengths; with `max_prompt_length` the
+    token-boundary checks run on the rows DPO's own tokenization builds. Returns (pairs,
+    prompts, report)."""
+    from functools import partial
+
     from transformers import AutoTokenizer
 
     from dpoflow.data_checks.suite import load_and_validate
+    from dpoflow.models.logprobs import tokenize_example
 
     tokenizer = AutoTokenizer.from_pretrained(
         base_model["path"], revision=base_model.get("revision")
     )
+    tokenize = None
+    if max_prompt_length is not None:
+        limits = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+        tokenize = partial(tokenize_example, tokenizer, **limits)
     return load_and_validate(
         train,
         eval_prompts,
@@ -72,6 +82,7 @@ def check_data(
         tokenizer=tokenizer,
         max_length=max_length,
         report_dir=report_dir,
+        tokenize=tokenize,
     )
 
 
@@ -82,10 +93,17 @@ def validate_data(
     eval_prompts: str,
     base_model: dict[str, str],
     max_length: int,
+    max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
     """Load, validate, and write `pairs.jsonl` + `eval_prompts.jsonl` into `partial`."""
     pairs, prompts, report = check_data(
-        data, train, eval_prompts, base_model, max_length, report_dir=partial / "report"
+        data,
+        train,
+        eval_prompts,
+        base_model,
+        max_length,
+        report_dir=partial / "report",
+        max_prompt_length=max_prompt_length,
     )
     publish_report(report, train)
     if not report.success:
@@ -119,6 +137,7 @@ def validate(key: str, workdir: str, section: dict, upstream: dict) -> dict:
             upstream["eval_data"]["path"],
             upstream["base_model"],
             section["max_length"],
+            section["max_prompt_length"],
         )
         logger.info("%d pairs passed validation", extra["n_pairs"])
         return extra
@@ -129,8 +148,12 @@ def validate(key: str, workdir: str, section: dict, upstream: dict) -> dict:
 STAGE = Stage(
     name="validate",
     task=validate,
-    # Lengths are checked with the tokenizer, at the length DPO will train at.
-    reads=lambda cfg, _: {"data": dump(cfg.data), "max_length": cfg.dpo.max_length},
+    # Lengths and token boundaries are checked with the tokenizer, at DPO's limits.
+    reads=lambda cfg, _: {
+        "data": dump(cfg.data),
+        "max_length": cfg.dpo.max_length,
+        "max_prompt_length": cfg.dpo.max_prompt_length,
+    },
     inputs={
         "train": "train_data.sha256",
         "eval_prompts": "eval_data.sha256",

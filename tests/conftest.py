@@ -11,10 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.servers import background, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs the suite on several pytest-xdist workers: each worker's processes get their
+# share of the cores, as the launcher shares them between training processes, instead of every
+# worker's torch taking all cores and thrashing.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = str(max(1, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:  # this worker's own torch too (set before any test module imports torch)
+    os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 
 # A few steps of everything: enough to exercise every stage, quick on 2 cores.
 SMALL = [
@@ -70,6 +79,8 @@ def base_env(home: Path) -> dict[str, str]:
         COLUMNS="200",  # rich wraps tables at 80 columns without a terminal
         GX_ANALYTICS_ENABLED="false",
         DPOFLOW_RETRY_DELAYS=",".join(map(str, RETRY_DELAYS)),
+        DPOFLOW_THREADS=THREADS,
+        OMP_NUM_THREADS=THREADS,
         # Recognisable fake secrets: test_secrets scans every output for them.
         **FAKE_SECRETS,
     )
@@ -107,12 +118,18 @@ def ephemeral_env(tmp_path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def shared_stages(tmp_path_factory, cli_env) -> tuple[Path, dict]:
-    """validate, sft and reference on the small config, built once for the session: tests
+    """validate, sft and reference on the small config, built once for the whole run (the first
+    xdist worker to need them builds them under a lock; the others wait and reuse them): tests
     that need a trained reference start from a copy (`copy_stages`)."""
-    workdir = tmp_path_factory.mktemp("shared-stages")
-    proc, summary = run_pipeline(workdir, cli_env, name="shared", until="reference")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, summary
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    workdir, summary = root / "shared-stages", root / "shared-stages" / "shared.json"
+    with FileLock(str(root / "shared-stages.lock")):
+        if not summary.is_file():
+            workdir.mkdir(exist_ok=True)
+            proc, _ = run_pipeline(workdir, cli_env, name="shared", until="reference")
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, json.loads(summary.read_text())
 
 
 def copy_stages(shared: tuple[Path, dict], workdir: Path) -> Path:
@@ -152,3 +169,9 @@ def run_pipeline(
         args += ["--set", item]
     proc = run_cli(args, env)
     return proc, (json.loads(summary.read_text()) if proc.returncode == 0 else None)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (marked slow) first: on xdist workers, no worker is then left running one
+    long test alone at the end while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

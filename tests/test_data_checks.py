@@ -350,6 +350,15 @@ def test_data_docs_written_to_report_dir(tmp_path):
     saved = json.loads((tmp_path / "docs" / "validation.json").read_text())
     assert saved["success"] is False and saved["n_rows"] == 6
     assert any(o["check"] == "not_empty" and not o["success"] for o in saved["outcomes"])
+    # The paths it names are relative to it, so they exist wherever the folder goes.
+    assert (tmp_path / "docs" / saved["data_docs"]).is_file()
+    page = (tmp_path / "docs" / saved["summary_page"]).read_text()
+    # One page with its styles inline (MLflow shows it alone): no stylesheet or script to load.
+    assert "<style>" in page and "<link" not in page and "<script" not in page
+    assert page.count('class="failed"') >= 2 and "expect_column_value_lengths" in page
+    # A passed check reads as passed, not in the words of the problem it looks for.
+    passed = next(o for o in saved["outcomes"] if o["check"] == "not_null")
+    assert passed["success"] and passed["detail"].startswith("passed")
 
 
 def test_render_failures_table():

@@ -267,7 +267,14 @@ def test_a_killed_evaluation_resumes_from_the_chunks_already_judged(tmp_path):
     log = JudgedLog(path)
     assert log.resumed_prompts == 6
     judge = CountingJudge()
-    resumed = evaluate_policy(policy_dir, reference_dir, prompts, judge, **settings, progress=log)
+    lines = []
+    resumed = evaluate_policy(
+        policy_dir, reference_dir, prompts, judge, **settings, progress=log, log=lines.append
+    )
+    # Progress per temperature: the judged prompts count as done, not in the rate.
+    assert lines[0] == "evaluation at temperature 1: 0% of 10 prompts (6 done before)"
+    assert lines[1].startswith("evaluation at temperature 1: 8/10 prompts (80%), ")
+    assert "ETA" in lines[1] and lines[-1].startswith("evaluation at temperature 0.7: 10/10")
     # Only the 7 unfinished chunks were judged: 2 prompts x (policy + reference answer)
     # each, and the 2 of them at the main temperature also x (policy + chosen answer).
     assert judge.scored == 7 * 2 * 2 + 2 * 2 * 2

@@ -63,6 +63,20 @@ def test_compose_services_point_at_each_other():
     assert "--pool dpoflow" in services["worker"]["command"]
 
 
+def test_compose_serve_follows_the_registry_and_publishes_its_port():
+    services = compose()["services"]
+    serve, worker = services["serve"], env_of(services["worker"])
+    command = serve["command"].split()
+    assert command[:2] == ["dpoflow", "serve"] and "--poll-seconds" in command
+    port = command[command.index("--port") + 1]
+    assert f"{port}:{port}" in serve["ports"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert f"127.0.0.1:{port}/health" in " ".join(serve["healthcheck"]["test"])
+    # The same registry and sign-in as the worker that promotes.
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env_of(serve)[key] == worker[key], key
+    assert "mlflow" in depends_on(serve)
+
+
 def test_prefect_yaml_deployments_name_real_flows_and_schedules():
     spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     assert spec["deployments"]
@@ -109,6 +123,7 @@ NEEDS_SECRET = {
         "MLFLOW_FLASK_SERVER_SECRET_KEY",
     ],
     "worker": ["PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD"],
+    "serve": ["MLFLOW_TRACKING_PASSWORD"],
 }
 # A compose interpolation (`$${...}` is a literal `${...}` for the container's shell).
 INTERPOLATION = re.compile(r"(?<!\$)\$\{(\w+)([^}]*)\}")

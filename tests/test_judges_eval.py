@@ -11,10 +11,11 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from dpoflow.config import load_config
 from dpoflow.errors import ConfigError, ModelError
+from dpoflow.flows.run_view import samples_table
 from dpoflow.models.evaluation import evaluate_policy, markdown_report
 from dpoflow.models.judge_protocol import Judge
 from dpoflow.models.judges import RewardModelJudge, make_judge
-from dpoflow.tasks.evaluate import eval_metrics, samples_table
+from dpoflow.tasks.evaluate import eval_metrics
 from tests.test_evaluation import PROMPTS, make_tokenizer, save_tiny_model
 
 
@@ -97,13 +98,19 @@ def test_pairwise_judge_feeds_the_win_rate_with_temperatures_and_chosen(tmp_path
     assert result["vs_chosen"]["n"] == 2 and result["vs_chosen"]["unparseable"] == 1
     assert result["vs_chosen"]["win_rate"] <= 0.5  # never longer than the long one
 
-    metrics = eval_metrics(result)
-    for name in ("eval/win_rate", "eval/t0/win_rate", "eval/t0/kl", "eval/t1/win_rate_ci_low"):
+    metrics = eval_metrics(result, "llm")
+    for name in ("eval/win_rate", "eval/win_rate_t0", "eval/kl_t0", "eval/win_rate_ci_low_t1"):
         assert name in metrics
-    assert metrics["eval/vs_chosen/unparseable"] == 1.0
+    assert metrics["eval/unparseable_vs_chosen"] == 1.0
+    # A chart is titled by the name's last segment: each must say which figure it is.
+    leaves = [name.rsplit("/", 1)[-1] for name in metrics]
+    assert len(leaves) == len(set(leaves))
+    # Only a judge that can fail to give a verdict charts the unparseable count.
+    assert not any("unparseable" in name for name in eval_metrics(result, "vader"))
     assert "temperature 0" in markdown_report(result, title="t")
-    rows = samples_table(result["samples"])
-    assert rows[0].keys() >= {"prompt", "policy_answer", "reference_answer", "verdict"}
+    rows = samples_table(result["samples"])  # the Prefect table: short columns first
+    assert list(rows[0])[:3] == ["verdict", "policy score", "reference score"]
+    assert list(rows[0])[-1] == "reference answer"
 
 
 def test_eval_config_names_the_judge_and_its_options():

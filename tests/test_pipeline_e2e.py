@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def first_run(tmp_path_factory, cli_env, shared_stages):
     """The first full run of a work directory whose validate, sft and reference were built
     by the session's first run (`shared_stages`), on the session's Prefect server."""
     workdir = copy_stages(shared_stages, tmp_path_factory.mktemp("pipeline"))
+    # The shared SFT run too, so the DPO run links to it in one store, as in a user's.
+    shutil.copy(shared_stages[0] / "mlflow.db", workdir / "mlflow.db")
     proc, summary = run_pipeline(workdir, cli_env, *MOVES, name="first")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (workdir / "console.log").write_text(proc.stdout + proc.stderr)
@@ -55,7 +58,7 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     workdir, summary = first_run
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["beta"] == "0.1"
+    assert run.data.params["dpo.beta"] == "0.1"
     for name in [
         "loss",
         "rewards/chosen",
@@ -75,6 +78,55 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     assert version.tags["beta"] == "0.1"
     assert version.tags["data_sha256"]
     assert abs(float(version.tags["win_rate"]) - summary["win_rate"]) < 1e-3
+
+
+def test_mlflow_shows_what_a_user_looks_for(first_run):
+    """What a person opening MLflow on the run sees: its kind and columns, one name per
+    param, a description with the result, source, datasets, curves, the SFT run linked both
+    ways, and a model version that explains itself."""
+    import json as _json
+
+    from mlflow.tracking import MlflowClient
+
+    workdir, summary = first_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = _json.loads(experiment.tags["mlflow.sharedViewState.dpoflow-runs"])
+    assert {"params.`dpo.beta`", "metrics.`eval/win_rate`"} <= set(view["selectedColumns"])
+
+    params = run.data.params
+    assert params["dpo.beta"] == "0.1" and params["dpo.loss_type"] == "sigmoid"
+    assert "beta" not in params and "loss_type" not in params  # each value once
+    assert run.info.run_name == "dpo-sigmoid-beta0.1"
+    note = run.data.tags["mlflow.note.content"]
+    assert f"win rate {summary['win_rate']:.3f}" in note and "KL" in note
+    assert run.data.tags["mlflow.source.name"] == "dpoflow dpo" and run.data.tags["mlflow.user"]
+    assert "eval/win_rate" in run.data.metrics
+    assert not [m for m in run.data.metrics if "unparseable" in m]  # VADER always decides
+
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    contexts = {i.tags[0].value: _json.loads(i.dataset.profile) for i in inputs.values()}
+    assert contexts["training"]["num_rows"] > 0 and contexts["evaluation"]["num_rows"] > 0
+    assert all(i.dataset.digest for i in inputs.values())
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "training_curves.png" in artifacts
+    page = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert "validation/summary.html" in page
+
+    sft = client.get_run(run.data.tags["dpoflow.sft_run_id"])
+    assert client.get_experiment(sft.info.experiment_id).name == "dpoflow-sft"
+    assert sft.data.tags[f"dpoflow.dpo_run.{run.info.run_id}"].endswith(run.info.run_id)
+    assert run.data.tags["dpoflow.sft_run_link"].endswith(sft.info.run_id)
+    assert run.info.run_name in sft.data.tags["mlflow.note.content"]
+
+    reg = summary["registered_model"]
+    version = client.get_model_version(reg["name"], reg["version"])
+    assert "β=0.1" in version.description and "sigmoid" in version.description
+    assert version.tags["win_rate"][:4] in version.description
+    assert reg["promotion_reason"] in version.description  # the reason in full
 
 
 def test_second_run_is_entirely_cached(first_run, cli_env):

@@ -20,11 +20,13 @@ from dpoflow.models.evaluation import win_rate_from_verdicts
 from dpoflow.models.serving import log_generator
 from dpoflow.tasks.promote import (
     CHAMPION,
+    PREVIOUS_CHAMPION,
     champion_version,
     decide,
     get_version,
     list_versions,
     promote_version,
+    rollback,
 )
 from dpoflow.tasks.register import find_version
 from tests.servers import background, free_port
@@ -114,6 +116,26 @@ def test_force_skips_the_checks_and_unknown_versions_are_named(registry_uri):
     assert promote_version(uri, MODEL, version, [], EVAL, force=True)["promoted"]
     with pytest.raises(ModelError, match="no version '9'.*dpoflow models"):
         promote_version(uri, MODEL, "9", PROMPTS, EVAL)
+
+
+def test_rollback_walks_back_through_the_champions_it_replaced(registry_uri):
+    uri, register = registry_uri
+    first, second, third = (register("[0.6, 0.8]") for _ in range(3))
+    for version in (first, second, third):
+        promote_version(uri, MODEL, version, [], EVAL, force=True)
+    # `candidate` stays on the newest version: the rollback aliases move on their own.
+    assert aliases(uri) == {third: ["candidate", CHAMPION], second: [PREVIOUS_CHAMPION], first: []}
+
+    done = rollback(uri, MODEL)
+    assert (done["version"], done["rolled_back_from"]) == (second, third)
+    assert aliases(uri) == {third: ["candidate"], second: [CHAMPION], first: [PREVIOUS_CHAMPION]}
+    reason = mlflow.MlflowClient(uri).get_model_version(MODEL, third).tags["promotion.reason"]
+    assert reason == f"was champion; rolled back to v{second} by hand"
+
+    assert rollback(uri, MODEL)["version"] == first
+    assert PREVIOUS_CHAMPION not in sum(aliases(uri).values(), [])
+    with pytest.raises(ModelError, match="no previous-champion to roll back from: promote"):
+        rollback(uri, MODEL)
 
 
 # ---------------------------------------------------------------- a real server that fails
@@ -247,14 +269,16 @@ def test_a_failed_version_search_raises_instead_of_registering_a_duplicate(
     mlflow_server, proxy, status, code
 ):
     name = f"register-search-{status}"
-    (version,) = versions_on(mlflow_server, name, ["[0.6, 0.8]"])
-    mlflow.MlflowClient(mlflow_server).set_model_version_tag(name, version, "dpoflow.key", "k1")
+    real = mlflow.MlflowClient(mlflow_server)
+    run_id = real.create_run("0").info.run_id  # the DPO run the version was registered from
+    real.create_registered_model(name)
+    version = str(real.create_model_version(name, "s3://nowhere/model", run_id=run_id).version)
     through_proxy = mlflow.MlflowClient(proxy.url)
-    assert find_version(through_proxy, name, "k1").version == version
+    assert find_version(through_proxy, name, run_id).version == version
 
     proxy.faults[SEARCH] = status
     with pytest.raises(ServerError) as caught:
-        find_version(through_proxy, name, "k1")
+        find_version(through_proxy, name, run_id)
     assert_one_clear_sentence(caught.value, code, proxy)
 
 
@@ -278,8 +302,8 @@ def test_over_http_only_a_missing_alias_or_version_means_absent(mlflow_server, p
     (version,) = versions_on(mlflow_server, name, ["[0.6, 0.8]"])
     through_proxy = mlflow.MlflowClient(proxy.url)
     assert champion_version(through_proxy, name) is None
-    assert find_version(through_proxy, name, "no-such-key") is None
-    assert find_version(through_proxy, "no-such-model", "k") is None
+    assert find_version(through_proxy, name, "no-such-run") is None
+    assert find_version(through_proxy, "no-such-model", "r") is None
     with pytest.raises(ModelError, match="no version '9'"):
         get_version(through_proxy, name, "9")
 

@@ -21,7 +21,7 @@ import pytest
 
 from dpoflow.config import apply_overrides, load_config
 from dpoflow.tasks.tracking import flatten
-from tests.conftest import PROJECT_ROOT, SMALL
+from tests.conftest import PROJECT_ROOT, SMALL, copy_stages
 from tests.servers import background, free_port
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -120,7 +120,10 @@ def wait_for_flow_run(api: str, flow_run_id: str, timeout: float = 1200) -> dict
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout:.0f}s")
 
 
-def test_scheduled_deployment_runs_on_a_worker_and_registers(servers, tmp_path):
+def test_scheduled_deployment_runs_on_a_worker_and_registers(servers, tmp_path, shared_stages):
+    # The session's validate/SFT/reference are the same recipe: the worker reuses them and
+    # trains DPO, evaluates and registers on the team's servers.
+    copy_stages(shared_stages, tmp_path / "work")
     env, api = servers, servers["PREFECT_API_URL"]
     prefect = str(BIN / "prefect")
     run([prefect, "work-pool", "create", "dpoflow", "--type", "process"], env)

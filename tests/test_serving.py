@@ -5,6 +5,8 @@ which takes only its weights."""
 from __future__ import annotations
 
 import ast
+import io
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,11 +20,13 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
+from dpoflow.data_checks.loading import _chat_renderer
 from dpoflow.errors import ModelError
+from dpoflow.models import served_model
 from dpoflow.models.generation import generate, load_causal_lm
 from dpoflow.models.serving import log_generator
 from dpoflow.tasks.promote import load_generator
-from tests.test_evaluation import PROMPTS, save_tiny_model
+from tests.test_evaluation import PROMPTS, make_tokenizer, save_tiny_model
 
 NAME = "served"
 # Prompts the tiny random model answers with words at every setting used below (it also
@@ -68,7 +72,8 @@ def loaded(registered):
 
 def texts(loaded, prompts: list[str], **settings) -> list[str]:
     output = loaded.predict(pd.DataFrame({"prompt": prompts}).assign(**settings))
-    assert isinstance(output, pd.DataFrame) and list(output.columns) == ["text"]
+    assert isinstance(output, pd.DataFrame)
+    assert list(output.columns) == ["text", "prompt_tokens", "completion_tokens", "finish_reason"]
     return output["text"].tolist()
 
 
@@ -92,12 +97,14 @@ def test_the_stored_model_is_code_and_weights_with_no_pickle(registered):
     }
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     top = {name.split(".")[0] for name in imported} - set(sys.stdlib_module_names)
-    assert top == {"mlflow", "pandas", "torch", "transformers"}
+    # (peft is imported inside the adapter branch only: a merged model never loads it.)
+    assert top == {"mlflow", "pandas", "peft", "torch", "transformers"}
 
 
 def test_the_registered_model_loads_without_dpoflow_and_answers_with_text(loaded):
     assert loaded.metadata.get_input_schema().input_names() == [
         "prompt",
+        "messages",
         "max_new_tokens",
         "temperature",
     ]
@@ -162,3 +169,63 @@ def test_load_generator_refuses_a_model_without_the_weights_folder(registered):
     with replaced(mlmodel, escaping):
         with pytest.raises(ModelError, match="not logged by dpoflow's log_generator: register"):
             load_generator(NAME, registered.version)
+
+
+CHAT = [
+    {"role": "system", "content": "a fine movie"},
+    {"role": "user", "content": "what a wonderful story"},
+]
+
+
+def test_the_input_example_shows_both_request_shapes_and_is_answered(loaded, registered):
+    example = json.loads((registered.stored / "serving_input_example.json").read_text())
+    rows = example["dataframe_split"]
+    shapes = [dict(zip(rows["columns"], row, strict=True)) for row in rows["data"]]
+    assert [s["prompt"] is not None for s in shapes] == [True, False]
+    assert [s["messages"] is not None for s in shapes] == [False, True]
+    answers = loaded.predict(pd.read_json(io.StringIO(json.dumps(rows)), orient="split"))
+    assert len(answers) == 2
+
+
+def test_chat_messages_are_answered_as_their_rendered_prompt_with_token_counts(loaded):
+    """A chat is the plain prompt the pipeline trains chats as (this tokenizer has no chat
+    template); the counts are the prompt's ids with bos and the new ids through eos."""
+    rendered, _ = _chat_renderer(None)(CHAT)
+    settings = {"max_new_tokens": 6, "temperature": 0.0}
+    chat = loaded.predict(pd.DataFrame({"messages": [CHAT]}).assign(**settings))
+    plain = loaded.predict(pd.DataFrame({"prompt": [rendered]}).assign(**settings))
+    assert chat.to_dict("records") == plain.to_dict("records")
+    row = chat.iloc[0]
+    tokenizer = make_tokenizer()
+    assert row["prompt_tokens"] == 1 + len(tokenizer.encode(rendered, add_special_tokens=False))
+    assert 1 <= row["completion_tokens"] <= 6
+    assert row["finish_reason"] == ("length" if row["completion_tokens"] == 6 else "stop")
+
+
+def test_a_chat_template_renders_messages_as_the_pipeline_renders_them():
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer = make_tokenizer()
+    for chat_template in (template, None):
+        tokenizer.chat_template = chat_template
+        expected, _ = _chat_renderer(tokenizer)(CHAT)
+        assert served_model._render_chat(tokenizer, CHAT) == expected
+    # The template wrote bos; encoding does not add a second one.
+    tokenizer.chat_template = template
+    ids = served_model._encode(tokenizer, served_model._render_chat(tokenizer, CHAT))
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "a", "messages": CHAT}, "exactly one of 'prompt'.*got both"),
+        ({"prompt": None, "messages": None}, "got neither"),
+        ({"messages": []}, "'messages' is empty"),
+    ],
+)
+def test_a_malformed_row_is_refused_with_what_to_send(loaded, row, message):
+    with pytest.raises(MlflowException, match=message):
+        loaded.predict(pd.DataFrame([row]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -10,7 +11,7 @@ from dpoflow.config import load_config
 from dpoflow.errors import ConfigError
 from dpoflow.flows.sweep import child_configs, parse_list
 from dpoflow.tasks.sweep_report import children_rows, draw_frontier, frontier_figure
-from tests.conftest import SMALL, run_cli
+from tests.conftest import SMALL, copy_stages, run_cli
 
 
 def child_summary(beta: float, loss_type: str, kl: float, reward: float) -> dict:
@@ -74,8 +75,13 @@ def test_frontier_figure_is_a_png_with_one_point_per_child(tmp_path):
     )
 
 
-def test_sweep_runs_shared_stages_once_and_nests_child_runs(tmp_path, cli_env):
-    """The one real sweep: 2 βs on the small settings (about two pipeline runs)."""
+@pytest.mark.slow
+def test_sweep_runs_shared_stages_once_and_nests_child_runs(tmp_path, cli_env, shared_stages):
+    """The one real sweep: 2 βs on the small settings. It starts from the session's trained
+    SFT and reference (their run-once is the same cache) but validates afresh, so the first
+    child is seen to run a shared stage and the second to reuse it."""
+    copy_stages(shared_stages, tmp_path)
+    shutil.rmtree(tmp_path / "stages" / "validate")
     summary_path = tmp_path / "sweep.json"
     args = ["sweep", "--betas", "0.1,0.5", "--workdir", str(tmp_path)]
     args += ["--summary-json", str(summary_path)]
@@ -86,8 +92,8 @@ def test_sweep_runs_shared_stages_once_and_nests_child_runs(tmp_path, cli_env):
     summary = json.loads(summary_path.read_text())
     first, second = summary["children"]
     assert (first["beta"], second["beta"]) == (0.1, 0.5)
+    assert first["stages"]["validate"]["status"] == "completed"
     for shared in ("validate", "sft", "reference"):
-        assert first["stages"][shared]["status"] == "completed"
         assert second["stages"][shared]["status"] == "cached"
     assert second["stages"]["dpo"]["status"] == "completed"
     assert "frontier.png" in proc.stdout and "0.5" in proc.stdout
@@ -103,5 +109,8 @@ def test_sweep_runs_shared_stages_once_and_nests_child_runs(tmp_path, cli_env):
     for child in summary["children"]:
         run = client.get_run(child["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert float(run.data.params["beta"]) == child["beta"]
+        assert float(run.data.params["dpo.beta"]) == child["beta"]
         assert run.data.metrics["eval/win_rate"] == pytest.approx(child["win_rate"])
+        # Every child carries the sweep's frontier beside its own curves.
+        child_artifacts = client.list_artifacts(run.info.run_id, "sweep")
+        assert "sweep/frontier.png" in {a.path for a in child_artifacts}

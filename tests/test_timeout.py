@@ -35,7 +35,7 @@ def test_a_training_timeout_ends_the_group_and_is_not_retried(tmp_path, monkeypa
     monkeypatch.setattr(
         launcher,
         "launcher_command",
-        lambda job_path, _: [sys.executable, "-c", STAND_IN, str(job_path)],
+        lambda job_path, *_: [sys.executable, "-c", STAND_IN, str(job_path)],
     )
     job = {
         "kind": "dpo",

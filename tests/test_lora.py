@@ -1,0 +1,162 @@
+"""LoRA (peft) and QLoRA: the adapted policy starts at its reference, trains and resumes its
+adapters only, checkpoints activations without changing gradients, and registers merged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpoflow.config import load_config
+from dpoflow.errors import ConfigError
+from dpoflow.models import lora
+from dpoflow.models.logprobs import pair_batch, sequence_logps, split_pair_logps
+from dpoflow.models.losses import preference_loss
+from dpoflow.models.trainer import dpo_examples, read_pairs
+from tests.conftest import PROJECT_ROOT, copy_stages, run_pipeline
+from tests.test_training import embedded, losses, make_job, train  # noqa: F401  (fixture)
+
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def tiny(embedded_fixture):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_fixture["model"]
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def pair_inputs(embedded_fixture, tokenizer, n: int = 8) -> dict[str, torch.Tensor]:  # noqa: F811
+    cfg = {"max_length": 64, "max_prompt_length": 16}
+    examples = dpo_examples(read_pairs(embedded_fixture["data"])[:n], tokenizer, cfg)
+    return pair_batch([e[:3] for e in examples], tokenizer.eos_token_id)
+
+
+def test_a_lora_policy_starts_with_a_log_ratio_of_exactly_zero(embedded):  # noqa: F811
+    base, tokenizer = tiny(embedded)
+    batch = pair_inputs(embedded, tokenizer)
+    with torch.no_grad():
+        reference = split_pair_logps(sequence_logps(base, batch)["logps"])
+    linear = {  # before wrapping: peft replaces these modules in place
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
+    policy = lora.prepare(base, LORA)
+    policy.train()  # as in training: dropout and all
+    chosen, rejected = split_pair_logps(sequence_logps(policy, batch)["logps"])
+    assert torch.equal(chosen, reference[0]) and torch.equal(rejected, reference[1])
+    _, chosen_rewards, rejected_rewards = preference_loss(
+        chosen, rejected, *reference, beta=0.1, loss_type="sigmoid"
+    )
+    assert torch.equal(chosen_rewards, torch.zeros_like(chosen_rewards))
+    assert torch.equal(rejected_rewards, torch.zeros_like(rejected_rewards))
+    # Only the adapters train, on every linear layer but the output head.
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in trainable}
+    assert adapted == linear
+
+
+def gradients(embedded_fixture, adapters, checkpointing: bool) -> dict[str, torch.Tensor]:  # noqa: F811
+    torch.manual_seed(0)
+    model, tokenizer = tiny(embedded_fixture)
+    model = lora.prepare(model, adapters, gradient_checkpointing=checkpointing)
+    assert model.is_activation_checkpointing == checkpointing  # the option really took effect
+    if adapters:  # B starts at zero, where A gets no gradient: step away from it first
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    model.train()
+    out = sequence_logps(model, pair_inputs(embedded_fixture, tokenizer))
+    (-out["logps"].sum() / out["n_tokens"].sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("adapters", [None, LORA], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(embedded, adapters):  # noqa: F811
+    plain = gradients(embedded, adapters, checkpointing=False)
+    recomputed = gradients(embedded, adapters, checkpointing=True)
+    assert plain.keys() == recomputed.keys() and plain
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name  # every trained tensor gets a gradient
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_the_lora_recipe_is_a_valid_config_with_adapters():
+    cfg = load_config(PROJECT_ROOT / "configs" / "lora-smollm2.yaml")
+    assert cfg.model.lora is not None and cfg.model.lora.r == 16
+    assert cfg.model.lora.target_modules == "all-linear" and not cfg.model.load_in_4bit
+
+
+def test_4bit_is_refused_without_cuda_before_anything_runs():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 4-bit loading is allowed here")
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=["model.lora.r=8", "model.load_in_4bit=true"])
+    message = str(refused.value)
+    assert "needs a CUDA GPU" in message and "set model.load_in_4bit to false" in message
+    assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+    with pytest.raises(ConfigError, match="add a model.lora section"):
+        load_config(overrides=["model.load_in_4bit=true"])
+
+
+@pytest.mark.slow
+def test_adapter_checkpoints_hold_only_what_trains_and_resume(embedded, tmp_path):  # noqa: F811
+    adapters = {"lora": LORA, "load_in_4bit": False}
+    job = make_job(embedded, tmp_path, learning_rate=1e-2) | {"adapters": adapters}
+    first, first_rows = train(job, tmp_path)
+    # The checkpoint of step 4 (the last one before the end) holds the adapters, not the base.
+    states = torch.load(
+        tmp_path / "checkpoints" / "step4" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    saved = set(states["module"])
+    assert saved and all("lora_" in name for name in saved), sorted(saved)[:5]
+    # A stage's output: the merged model (loads without peft) and the adapter beside it.
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+    # Again from the step-4 checkpoint: the same curve from there on.
+    for done in ("model", "adapter"):
+        for f in sorted((tmp_path / done).rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        (tmp_path / done).rmdir()
+    resumed, resumed_rows = train(job, tmp_path)
+    assert resumed["resumed_from_step"] == 4 and first["resumed_from_step"] == 0
+    assert losses(first_rows)[-1] == pytest.approx(losses(resumed_rows)[-1], abs=1e-5)
+    assert losses(first_rows)[-1] < losses(first_rows)[0]  # the adapters learn
+
+
+@pytest.mark.slow
+def test_lora_through_the_pipeline_registers_a_model_that_generates(
+    shared_stages, tmp_path, cli_env
+):
+    import mlflow
+    import pandas as pd
+
+    workdir = copy_stages(shared_stages, tmp_path)
+    settings = ("model.lora={r: 4, alpha: 8}", "sft.max_steps=6", "dpo.max_steps=4")
+    proc, _ = run_pipeline(workdir, cli_env, *settings)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("sft", "dpo"):  # both trained adapters, merged after (beside the shared full SFT)
+        manifests = (workdir / "stages" / name).glob("*/manifest.json")
+        assert any(json.loads(m.read_text()).get("adapter") == "adapter" for m in manifests), name
+    # The same policy registered unmerged: only register and promote run again.
+    proc, _ = run_pipeline(workdir, cli_env, *settings, "registry.merge_adapters=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    versions = mlflow.MlflowClient().search_model_versions("name='dpoflow-policy'")
+    weights = {str(v.version): v.tags["weights"] for v in versions}
+    assert weights == {"1": "full", "2": "lora_adapter"}
+    adapter_version = next(v for v in versions if str(v.version) == "2")
+    assert adapter_version.tags["adapter_base_run_id"] == adapter_version.tags["sft_run_id"]
+    request = pd.DataFrame(
+        {"prompt": ["This movie was", "I expected"], "max_new_tokens": [8, 8], "temperature": 0}
+    )
+    answers = [
+        mlflow.pyfunc.load_model(f"models:/dpoflow-policy/{v}").predict(request)["text"].tolist()
+        for v in ("1", "2")
+    ]
+    # Text from both (a greedy answer may be eos at once), the same policy either way.
+    assert any(answers[0]) and answers[0] == answers[1]
