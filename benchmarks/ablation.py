@@ -11,11 +11,11 @@ first mode's.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_common import write_report
 from benchmarks.dpo_bench import (
     best_run,
     figures,
@@ -77,11 +77,7 @@ def run_ablation(
         report["speed_over_trl"] = {
             m: best[m]["pairs_per_s"] / best["trl"]["pairs_per_s"] for m in modes
         }
-    log(format_ablation(report))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, format_ablation(report), json_path, log)
 
 
 def format_ablation(report: dict) -> str:

@@ -63,3 +63,12 @@ def lora_settings(spec: Spec) -> dict[str, Any] | None:
     if r == 0:
         return None
     return {"r": r, "alpha": float(2 * r), "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def write_report(report: dict, text: str, json_path: Path | None, log) -> dict:
+    """Print a bench's report and, when asked, write its JSON."""
+    log(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+    return report

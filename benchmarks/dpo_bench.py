@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import lora_settings, rate_name
+from benchmarks.bench_common import lora_settings, rate_name, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEAKS = ("peak_rss_mb", "peak_gpu_mb")  # each process's peak memory; the GPU's on a GPU only
@@ -235,11 +235,7 @@ def run_bench(
         }
     if repeats > 1:
         report["runs"] = runs
-    log(format_report(report))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, format_report(report), json_path, log)
 
 
 def format_report(report: dict) -> str:

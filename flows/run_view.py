@@ -36,7 +36,8 @@ def _warn(message: str, *args: Any) -> None:
 
 
 def describe(cfg: PipelineConfig) -> str:
-    """What a run trains, in the words the MLflow run name uses too: `dpo β=0.1 sigmoid`."""
+    """What a run trains, for the Prefect flow run's name: `dpo β=0.1 sigmoid` (the MLflow
+    run of the same training is `dpo-sigmoid-beta0.1`)."""
     return f"dpo β={cfg.dpo.beta:g} {cfg.dpo.loss_type}"
 
 
@@ -148,7 +149,8 @@ def stage_status(stage: dict) -> str:
 
 
 def headline(summary: dict) -> str:
-    low, high = summary["win_rate_ci"]
+    low, high = summary["win_rate_ci"]  # as tasks.lineage.interval writes it (not imported
+    # here: this module is read by the CLI before anything heavy is loaded)
     return (
         f"win rate **{summary['win_rate']:.3f}** (95% CI {low:.3f}-{high:.3f}), "
         f"reward {summary['reward_policy']:.3f} vs {summary['reward_reference']:.3f}, "

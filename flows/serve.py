@@ -41,16 +41,35 @@ logger = logging.getLogger("dpoflow.serve")
 RETRY_SECONDS = 60.0
 # What a freshly loaded version must answer before it takes any request.
 CHECK_REQUEST = pd.DataFrame({"prompt": ["Hello"], "max_new_tokens": [2], "temperature": [0.0]})
+# The longest a swap waits for the old version's requests before it drops it anyway (the
+# requests still hold it and finish on it): one stuck request must not stop the following.
+DRAIN_SECONDS = 300.0
+# One prediction at a time across versions: sampling seeds torch's process-wide RNG, and
+# MLflow imports each version's model file as a module of its own, each with its own lock.
+PREDICT_LOCK = threading.Lock()
+
+
+def predict(fn, *args):
+    """`fn(*args)` (a model's predict, or MLflow's request handling around it) under the
+    process-wide prediction lock."""
+    with PREDICT_LOCK:
+        return fn(*args)
 
 
 def load_version(name: str, version: str) -> Served:
     """Load version `version` of `name` as a pyfunc model and check that it answers."""
     import mlflow
+    import mlflow.models.model
 
     started = time.monotonic()
     # The download only has to outlive the load: the weights are in memory after it.
-    with tempfile.TemporaryDirectory(prefix="dpoflow-serve-") as tmp:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=tmp)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dpoflow-serve-") as tmp:
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=tmp)
+    finally:
+        # MLflow keeps the last model a code file set in a module global: without this a
+        # version that fails its check below would stay in memory beside the one serving.
+        mlflow.models.model.__mlflow_model__ = None
     check_answers(model, name, version)
     elapsed = time.monotonic() - started
     logger.info("loaded %s v%s and checked it answers (%.1fs)", name, version, elapsed)
@@ -59,7 +78,7 @@ def load_version(name: str, version: str) -> Served:
 
 def check_answers(model: Any, name: str, version: str) -> None:
     """A ModelError unless `model` answers a short prompt with one `text` row."""
-    answer = model.predict(CHECK_REQUEST)
+    answer = predict(model.predict, CHECK_REQUEST)
     if not isinstance(answer, pd.DataFrame) or "text" not in answer.columns or len(answer) != 1:
         raise ModelError(
             f"{name} v{version} answered a test prompt without a `text` answer, so it is not a "
@@ -148,7 +167,7 @@ class Follower:
             )
             return
         self.failed.pop(version, None)
-        old, finishing = self.holder.swap(new)
+        old, finishing = self.holder.swap(new, drain_timeout=DRAIN_SECONDS)
         del old  # the holder no longer has it: the old weights go with the last reference
         gc.collect()
         logger.info(
@@ -197,7 +216,7 @@ def create_app(holder: ModelHolder, name: str, alias: str) -> FastAPI:
             schema = served.model.metadata.get_input_schema()
             try:
                 result = await asyncio.to_thread(
-                    invocations, data, content_type, served.model, schema
+                    predict, invocations, data, content_type, served.model, schema
                 )
             except MlflowException as exc:
                 return Response(
@@ -231,7 +250,7 @@ def create_app(holder: ModelHolder, name: str, alias: str) -> FastAPI:
             return JSONResponse(chat_completions.error_body(str(exc), param), status_code=400)
         with holder.serving() as served:
             try:
-                answer = await asyncio.to_thread(served.model.predict, frame)
+                answer = await asyncio.to_thread(predict, served.model.predict, frame)
             except MlflowException as exc:
                 status = exc.get_http_status_code()
                 return JSONResponse(chat_completions.error_body(exc.message), status_code=status)

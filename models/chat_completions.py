@@ -17,6 +17,8 @@ import pandas as pd
 # OpenAI's default when a request names no temperature.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_MAX_TOKENS = 64
+# A bound on one answer, so one request cannot hold the model (and a version swap) for long.
+MAX_TOKENS = 4096
 
 
 class ChatRequestError(ValueError):
@@ -69,7 +71,20 @@ def request_frame(body: dict[str, Any]) -> pd.DataFrame:
             "only one choice per request is supported: send n=1 (or leave n out).", param="n"
         )
     # max_completion_tokens is the current name; max_tokens the older one, still sent.
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ChatRequestError(
+            f"max_completion_tokens must be a whole number, got {max_tokens!r}: send an integer.",
+            param="max_completion_tokens",
+        )
+    if not 1 <= max_tokens <= MAX_TOKENS:
+        raise ChatRequestError(
+            f"max_completion_tokens must be between 1 and {MAX_TOKENS}, got {max_tokens}: "
+            "send a value in that range.",
+            param="max_completion_tokens",
+        )
     temperature = body.get("temperature")
     return pd.DataFrame(
         {

@@ -6,7 +6,8 @@ compute it for every pair training reads once, store it keyed by example id, and
 
 The pipeline's stage runs `models/reference_worker.py` under the `deepspeed` launcher, sharded
 over its processes; `compute_reference_logps` is the same scoring in this process, for every
-pair of a file (benchmarks, tests). Both store a safetensors file: no pickle is written.
+pair of a file (benchmarks, tests), returning the tensors; the stage stores them as
+safetensors (no pickle is written).
 """
 
 from __future__ import annotations

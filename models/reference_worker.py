@@ -12,7 +12,6 @@ rest. When all are there, rank 0 joins them into `reference_logps.safetensors`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -36,6 +35,7 @@ from dpoflow.models.trainer import (
     read_pairs,
     sha256_of,
     stop_if_orphaned,
+    worker_args,
     write_atomic,
 )
 
@@ -184,13 +184,7 @@ def joined(chunks_dir: Path, plan: list[list[int]], ids: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="dpoflow reference log-probs worker")
-    parser.add_argument("--job", required=True, help="job JSON written by tasks/reference.py")
-    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    args = parser.parse_args()
-    threads = os.environ.get("DPOFLOW_THREADS")
-    if threads:  # the launcher's share of the cores for each process
-        torch.set_num_threads(int(threads))
+    args = worker_args("dpoflow reference log-probs worker")
     run(json.loads(Path(args.job).read_text()))
 
 

@@ -152,7 +152,8 @@ def link_sft_and_dpo(uri: str, sft_run_id: str, dpo_run_id: str) -> None:
     dpo_link = run_link(uri, dpo_run_id)
     c.set_tag(dpo_run_id, SFT_RUN_LINK, run_link(uri, sft_run_id))
     c.set_tag(sft_run_id, DPO_RUN_PREFIX + dpo_run_id, dpo_link)
-    linked = {k[len(DPO_RUN_PREFIX) :]: v for k, v in sft.data.tags.items()}
+    tags = sft.data.tags.items()
+    linked = {k[len(DPO_RUN_PREFIX) :]: v for k, v in tags if k.startswith(DPO_RUN_PREFIX)}
     linked = {k: v for k, v in linked.items() if k != dpo_run_id and v.startswith(("#", "http"))}
     linked[dpo_run_id] = dpo_link
     runs = {r: registry_lookup(lambda r=r: c.get_run(r), "looking up a DPO run") for r in linked}
@@ -170,7 +171,9 @@ def set_description(uri: str, run_id: str, text: str) -> None:
 
 
 def interval(low: float, high: float) -> str:
-    return f"95% CI {low:.3f}–{high:.3f}"
+    """A win rate's 95% interval as every report writes it (run and version descriptions, the
+    promotion reason, the Prefect summary)."""
+    return f"95% CI {low:.3f}-{high:.3f}"
 
 
 def evaluation_headline(result: dict, beta: float, loss_type: str, judge: str) -> str:

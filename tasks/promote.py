@@ -32,7 +32,7 @@ from dpoflow.errors import ModelError
 from dpoflow.models.evaluation import WinRate, judge_answers, win_rate_from_verdicts
 from dpoflow.tasks.common import Stage, build_once, dump, stage_logger, stage_task
 from dpoflow.tasks.evaluate import read_prompt_rows
-from dpoflow.tasks.lineage import describe_version
+from dpoflow.tasks.lineage import describe_version, interval
 from dpoflow.tasks.tracking import (
     client,
     registry_lookup,
@@ -54,7 +54,7 @@ class Decision:
 
 def _describe(what: str, low: float, high: float, rate: float | None = None) -> str:
     point = f"{rate:.3f} " if rate is not None else ""
-    return f"{what} {point}(95% CI {low:.3f}-{high:.3f})"
+    return f"{what} {point}({interval(low, high)})"
 
 
 def decide(

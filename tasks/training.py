@@ -9,6 +9,7 @@ the newest one.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,21 @@ def train_in_child(
         "checkpoint_dir": str(partial / "checkpoints"),
         "metrics_path": str(partial / "metrics.jsonl"),
     }
-    with system_metrics(uri, run_id):
-        result = run_training(
-            job,
-            partial,
-            log=logger.info,
-            on_metrics=on_metrics,
-            timeout_seconds=distributed.get("timeout_seconds"),
-        )
+    finished = partial / "model" / "result.json"  # written last, after the whole model
+    if finished.is_file():
+        # An earlier attempt trained to the end and failed after it (a tracking server down
+        # while the run was closed or linked): its retry finishes that model, not a new one.
+        logger.info("%s: the model an earlier attempt finished is reused", kind)
+        result = json.loads(finished.read_text())
+    else:
+        with system_metrics(uri, run_id):
+            result = run_training(
+                job,
+                partial,
+                log=logger.info,
+                on_metrics=on_metrics,
+                timeout_seconds=distributed.get("timeout_seconds"),
+            )
     # The finished model is the output; checkpoints were only resume points.
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)
     curves = training_curves(partial / "metrics.jsonl", partial / FIGURE, run_name)

@@ -37,5 +37,5 @@ def test_version_description_holds_the_decision_and_its_whole_reason():
     text = version_description(
         tags | {"promotion.decision": "champion", "promotion.reason": reason}
     )
-    assert "β=0.1" in text and "ipo" in text and "0.812" in text and "0.700–0.889" in text
+    assert "β=0.1" in text and "ipo" in text and "0.812" in text and "0.700-0.889" in text
     assert "Promotion: champion" in text and reason in text

@@ -229,3 +229,24 @@ def test_a_chat_template_renders_messages_as_the_pipeline_renders_them():
 def test_a_malformed_row_is_refused_with_what_to_send(loaded, row, message):
     with pytest.raises(MlflowException, match=message):
         loaded.predict(pd.DataFrame([row]))
+
+
+def test_chat_requests_name_a_bounded_whole_number_of_tokens():
+    from dpoflow.models.chat_completions import (
+        DEFAULT_MAX_TOKENS,
+        MAX_TOKENS,
+        ChatRequestError,
+        request_frame,
+    )
+
+    chat = [{"role": "user", "content": "Hi"}]
+
+    def tokens(**body) -> int:
+        return int(request_frame({"messages": chat, **body})["max_new_tokens"].iloc[0])
+
+    assert tokens() == DEFAULT_MAX_TOKENS
+    assert tokens(max_tokens=7) == 7
+    assert tokens(max_completion_tokens=5, max_tokens=7) == 5  # the current name wins
+    for bad in (0, MAX_TOKENS + 1, "12", 2.5, True):
+        with pytest.raises(ChatRequestError, match="max_completion_tokens must be"):
+            request_frame({"messages": chat, "max_completion_tokens": bad})
