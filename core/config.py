@@ -145,6 +145,11 @@ class DPOConfig(TrainConfig):
     packing: Literal[PACKING_MODES] = Field(
         "padded", description="batch layout of the DPO forward: padded | packed | shared_prompt"
     )
+    group_by_length: bool = Field(
+        True,
+        description="order each global batch by length before cutting it into micro-batches "
+        "and ranks: less padding, even work per process, the same rows per step",
+    )
 
 
 class LLMJudgeConfig(Section):

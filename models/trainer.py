@@ -140,6 +140,15 @@ def examples_read(n: int, cfg: dict) -> list[int]:
     return sorted({train_rows[i] for i in first} | set(heldout))
 
 
+def length_grouped(indices: list[int], examples: list[tuple]) -> list[int]:
+    """A global batch ordered by length (prompt and answer tokens), for `micro_batches`: each
+    accumulation micro-batch then holds rows of similar length (little padding, even packed
+    rows), and dealing it out rank by rank gives every process a similar share of tokens. The
+    rows of the step are the same, each micro-batch as large as before, so the step's loss
+    (a mean over pairs) is the same; only the float summation order changes."""
+    return sorted(indices, key=lambda i: sum(len(part) for part in examples[i][:3]))
+
+
 def micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """Cut a global batch into this rank's micro-batches (one per accumulation step)."""
     chunk = len(indices) // grad_accum
@@ -452,6 +461,8 @@ def train(job: dict) -> dict:
     own_norm = isinstance(engine.optimizer, torch.optim.Optimizer)
     for step in range(start_step, cfg["max_steps"]):
         global_idx = batch_indices(len(examples), step, cfg["batch_size"], cfg["seed"])
+        if cfg.get("group_by_length"):  # DPO's: its loss is a mean over pairs (see docstring)
+            global_idx = length_grouped(global_idx, examples)
         step_metrics: dict[str, torch.Tensor] = {}
         for idx in micro_batches(global_idx, cfg["grad_accum"], rank, world):
             loss, metrics = objective(engine.module, examples, idx, pad_id, cfg)
@@ -754,14 +765,21 @@ def save_model(engine, tokenizer, out_dir: Path, job: dict, rank: int) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="dpoflow training worker (SFT or DPO)")
-    parser.add_argument("--job", required=True, help="job JSON written by tasks/launcher.py")
+def worker_args(description: str) -> argparse.Namespace:
+    """The command line every worker the launcher starts takes (`--job`, and `--local_rank`
+    from the launcher), with torch held to this process's share of the cores."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--job", required=True, help="job JSON written by the stage")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args()
     threads = os.environ.get("DPOFLOW_THREADS")
-    if threads:
+    if threads:  # the launcher's share of the cores for each process
         torch.set_num_threads(int(threads))
+    return args
+
+
+def main() -> None:
+    args = worker_args("dpoflow training worker (SFT or DPO)")
     try:
         train(json.loads(Path(args.job).read_text()))
     except CheckpointRefused as refusal:

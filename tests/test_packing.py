@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dpoflow.config import DPOConfig
 from dpoflow.models.logprobs import pair_batch, sequence_logps
 from dpoflow.models.packing import pack_pairs, packed_sequence_logps, pair_inputs
-from dpoflow.models.trainer import DPOObjective
+from dpoflow.models.trainer import DPOObjective, length_grouped, micro_batches
 
 PAD = 0
 # (prompt, chosen, rejected) lengths: uneven on purpose (a one-token prompt, a one-token
@@ -104,3 +104,38 @@ def test_an_attention_that_takes_no_custom_mask_is_refused_with_the_fix():
     batch, logps_fn = pair_inputs(_pairs(), PAD, "packed", "cpu")
     with pytest.raises(ValueError, match="attn_implementation='sdpa' or set dpo.packing: padded"):
         logps_fn(model, batch)
+
+
+def test_length_grouping_keeps_the_step_and_cuts_the_padding():
+    """dpo.group_by_length orders the global batch before it is cut into micro-batches: the
+    step's loss and gradient are the same (each micro-batch still holds half the pairs), and
+    the padded micro-batches hold fewer positions."""
+    model = _model("sdpa")
+    g = torch.Generator().manual_seed(2)
+    lengths = [(2, 2, 3), (14, 9, 12), (3, 1, 2), (12, 11, 8), (2, 3, 1), (13, 10, 9)]
+    examples = [
+        (*(torch.randint(3, 61, (n,), generator=g).tolist() for n in sizes), i)
+        for i, sizes in enumerate(lengths)
+    ]
+    reference = {"chosen": -torch.arange(6.0) - 20, "rejected": -torch.arange(6.0) - 21}
+    cfg = DPOConfig().model_dump()
+    batch = [0, 1, 2, 3, 4, 5]
+
+    def step(order: list[int]) -> tuple[float, list[torch.Tensor], int]:
+        model.zero_grad()
+        total, positions = 0.0, 0
+        for idx in micro_batches(order, 2, rank=0, world=1):
+            loss, _ = DPOObjective(cfg, reference)(model, examples, idx, PAD, cfg)
+            (loss / 2).backward()
+            total += loss.item() / 2
+            positions += pair_batch([examples[i][:3] for i in idx], PAD)["input_ids"].numel()
+        return total, [p.grad.clone() for p in model.parameters()], positions
+
+    grouped = length_grouped(batch, examples)
+    assert sorted(grouped) == batch and grouped != batch
+    loss, grads, positions = step(batch)
+    loss_grouped, grads_grouped, positions_grouped = step(grouped)
+    assert loss_grouped == pytest.approx(loss, abs=1e-6)
+    for got, want in zip(grads_grouped, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert positions_grouped < 0.8 * positions

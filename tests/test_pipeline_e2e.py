@@ -40,7 +40,10 @@ def test_first_run_completes_every_stage(first_run, shared_stages):
     assert {s["status"] for s in shared["stages"].values()} == {"completed"}
     assert shared["stages"]["sft"]["resumed_from_step"] == 0
     status = {name: s["status"] for name, s in summary["stages"].items()}
-    assert status == dict.fromkeys(STAGES[:3], "cached") | dict.fromkeys(STAGES[3:], "completed")
+    # MOVES trains 40 DPO steps where the shared run planned 12: the reference stage scores
+    # only the pairs training reads, so it runs again for the longer run; validate and SFT
+    # are reused.
+    assert status == dict.fromkeys(STAGES[:2], "cached") | dict.fromkeys(STAGES[2:], "completed")
     low, high = summary["win_rate_ci"]
     assert 0.5 < low <= summary["win_rate"] <= high <= 1.0  # DPO moved the policy
     assert math.isfinite(summary["kl"]) and summary["kl"] > 0
@@ -201,6 +204,9 @@ def test_hh_and_ultrafeedback_shapes_train_through_the_pipeline(tmp_path, cli_en
         cli_env,
         f"data.train={data}",
         "data.min_rows=10",
+        # UltraFeedback's answers are long for the tiny model's 64-token rows (40% are cut):
+        # the truncation check's limit is raised here; its own tests are test_chat_template's.
+        "data.max_truncated_share=0.5",
         "sft.max_steps=6",
         "dpo.max_steps=4",
         "sft.batch_size=8",

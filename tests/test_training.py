@@ -199,8 +199,16 @@ def test_a_bf16_run_starts_at_its_reference_when_the_reference_is_bf16(embedded,
     # DeepSpeed's bf16 wrappers: fp32 master weights beside the bf16 ones
     assert result["optimizer"] == ("DeepSpeedZeroOptimizer" if zero else "FP16_UnfusedOptimizer")
     _, mixed = first_step(embedded["ref"], tmp_path / "mixed")
-    assert matched["rewards/chosen"] == 0.0 and matched["rewards/rejected"] == 0.0
-    assert matched["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    gaps = {k: (matched[k], mixed[k]) for k in ("rewards/chosen", "rewards/rejected", "loss")}
+    print(f"\nbf16 reference vs fp32 reference, first step (matched, mixed): {gaps}")
+    # bf16 rounds a row's log-prob a little differently in a differently shaped batch (the
+    # reference scores length-sorted batches of 64, the step its own batch, its LM head in
+    # other chunks): seen, one chosen row off by 2.6e-4 nats (reward 2.6e-5), the rest exact;
+    # an fp32 reference is off on every row.
+    matched_gap = abs(matched["rewards/chosen"]) + abs(matched["rewards/rejected"])
+    mixed_gap = abs(mixed["rewards/chosen"]) + abs(mixed["rewards/rejected"])
+    assert matched_gap < 5e-5 and mixed_gap > 5 * matched_gap
+    assert matched["loss"] == pytest.approx(math.log(2), abs=5e-5)
     assert abs(mixed["rewards/chosen"]) > 1e-4  # a bf16 policy against an fp32 reference
 
 
