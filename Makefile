@@ -20,11 +20,13 @@ demo: setup              ## the whole pipeline on the embedded default
 	$(BIN)/dpoflow run --summary-json .dpoflow/summary.json
 
 # What CI runs too: the parity tests fail (not skip) without TRL, the ten slowest are listed;
-# one pytest-xdist worker per core (most tests wait on processes of their own).
+# one pytest-xdist worker per core (most tests wait on processes of their own), each handed the
+# next test as it frees up, in the order tests/conftest.py sets (`--dist loadgroup` keeps the
+# tests of one costly module fixture on one worker; `--no-loadscope-reorder` keeps the order).
 test: setup              ## lint, then the test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DPOFLOW_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -n auto --durations=10
+	DPOFLOW_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

@@ -131,14 +131,21 @@ def save_merged(
 ) -> None:
     """Save the adapter to `out_dir/../adapter`, then the base with it merged to `out_dir`.
 
-    The merge starts from the base weights as stored (fp32), not from the weights in training:
-    under ZeRO-3 those are partitioned across ranks and with QLoRA they are 4-bit, so one path
-    serves every case. `state_dict` is ZeRO-3's consolidated one (the adapters are read from
-    it); otherwise the module's own.
+    When the model in training still holds the base weights as stored (whole and fp32), the
+    adapters are merged into it in place: the same fp32 sums, without a second copy of the
+    base in memory (for an 8 B model, 32 GB). Under ZeRO-3 (its weights are partitioned
+    across ranks; `state_dict` is its consolidated one, the adapters are read from it) and
+    with QLoRA (4-bit weights) the merge starts from the stored base weights instead.
     """
+    import torch
+
     adapter_dir = out_dir.parent / ADAPTER_DIR
     model.save_pretrained(adapter_dir, state_dict=state_dict)
-    merge_adapter(adapter_dir, base_path, out_dir, revision=revision)
+    whole_fp32 = all(p.dtype == torch.float32 for p in model.parameters())
+    if state_dict is None and whole_fp32:
+        model.merge_and_unload().save_pretrained(out_dir)
+    else:
+        merge_adapter(adapter_dir, base_path, out_dir, revision=revision)
 
 
 def merge_adapter(

@@ -123,31 +123,45 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-# MLflow 3 opens an experiment of unknown kind on its GenAI (traces) pages; this tag says it
-# holds training runs. The UI's sidebar switch (GenAI / Machine learning, remembered by the
-# browser) still wins, hence the `workflowType` in RUNS_VIEW_PATH.
+# The experiment holds training runs, not GenAI traces. MLflow 3.17's UI does not read this tag
+# to pick its pages (the browser's remembered GenAI / Machine learning switch does, GenAI in a
+# fresh browser): every link dpoflow prints carries `workflowType=machine_learning`, which sets it.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+ML_VIEW = "workflowType=machine_learning"
 # A runs-table view stored on the experiment (what the UI's "Share" button stores): the
 # columns a person compares runs by. MLflow keeps no per-experiment default columns, so this
-# view opens from RUNS_VIEW_PATH (README); the plain runs page shows MLflow's defaults.
+# view opens from RUNS_VIEW_PATH (README); the plain runs page shows MLflow's defaults. The
+# UI shows the columns in `columnOrder` first (β, loss type and the results fit a laptop's
+# screen beside the run names), and applies widths only to columns listed there.
 RUNS_VIEW_KEY = "dpoflow-runs"
 RUNS_VIEW_COLUMNS = (
-    "attributes.`Dataset`",
-    "attributes.`Models`",
     "params.`dpo.beta`",
     "params.`dpo.loss_type`",
     "metrics.`eval/win_rate`",
     "metrics.`eval/kl`",
     "attributes.`Description`",
+    "attributes.`Dataset`",
+    "attributes.`Models`",
 )
-RUNS_VIEW_PATH = "#/experiments/{id}/runs?viewStateShareKey=" + RUNS_VIEW_KEY
-RUNS_VIEW_PATH += "&workflowType=machine_learning"
+RUNS_VIEW_WIDTHS = {"attributes.`Description`": 240, "attributes.`Dataset`": 160}
+RUNS_VIEW_ORDER = "metrics.`eval/win_rate`"
+RUNS_VIEW_PATH = f"#/experiments/{{id}}/runs?viewStateShareKey={RUNS_VIEW_KEY}&{ML_VIEW}"
 
 
 def experiment_tags() -> dict[str, str]:
+    """The experiment's kind and its stored runs view."""
     import json
 
-    view = {"selectedColumns": list(RUNS_VIEW_COLUMNS), "columnOrder": [], "columnWidths": {}}
+    columns = list(RUNS_VIEW_COLUMNS)
+    view = {
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": RUNS_VIEW_WIDTHS,
+        # Best first. Sorted by anything but date, MLflow also lists nested runs (a sweep's β
+        # runs) beside their parent instead of folded under it; a shared view cannot unfold them.
+        "orderByKey": RUNS_VIEW_ORDER,
+        "orderByAsc": False,
+    }
     return EXPERIMENT_KIND | {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
 
 

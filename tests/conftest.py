@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _pytest.nodes import coerce_node_id
 from filelock import FileLock
 
 from tests.servers import background, free_port
@@ -171,7 +172,45 @@ def run_pipeline(
     return proc, (json.loads(summary.read_text()) if proc.returncode == 0 else None)
 
 
+# Module-scoped fixtures costly enough (a pipeline run, a server) that the tests using them
+# should share one xdist worker, which builds the fixture once: see `worker_fixture`.
+ONE_WORKER: set[str] = set()
+
+
+def worker_fixture(func):
+    """A module-scoped fixture whose tests `make test` sends to one worker together (its
+    `--dist loadgroup` keeps a group on one worker), so it is built once, not once per worker
+    that happens to draw one of its tests."""
+    ONE_WORKER.add(func.__name__)
+    return pytest.fixture(scope="module")(func)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests (marked slow) first: on xdist workers, no worker is then left running one
-    long test alone at the end while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Order and group the tests for xdist's scheduler, which hands tests out in this order to
+    whichever worker is free: the long tests (marked slow) first, so no worker is left running
+    one alone at the end while the others idle; among them, those that need no shared stages
+    first, as the first worker builds the shared stages meanwhile (`build_shared_stages_first`).
+    """
+    for item in items:
+        shared = sorted(ONE_WORKER.intersection(item.fixturenames))
+        if shared:
+            # loadgroup reads a test's group from an "@group" suffix of its id. xdist 3.8 sets it
+            # from an `xdist_group` mark by assigning `item._nodeid`, which pytest 9 no longer
+            # reads (ids are NodeId objects there), so the id is set here.
+            item._id = coerce_node_id(f"{item.nodeid}@{item.module.__name__}:{shared[0]}")
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is None,
+            "shared_stages" in item.fixturenames,
+        )
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def build_shared_stages_first(request) -> None:
+    """On xdist, the first worker builds the shared stages before its first test (the other
+    workers start on tests that need none), so no worker sits waiting for them later."""
+    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0" or WORKERS < 2:
+        return
+    if any("shared_stages" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("shared_stages")

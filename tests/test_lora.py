@@ -83,6 +83,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(embedded, adapters):  #
         torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_merging_in_place_saves_what_merging_into_the_stored_base_saves(embedded, tmp_path):  # noqa: F811
+    """The trainer merges a fp32 policy's adapters into its own base weights (no second copy of
+    the base in memory); ZeRO-3 and QLoRA merge into the stored base: both give the same model."""
+    from safetensors.torch import load_file
+
+    base, _ = tiny(embedded)
+    policy = lora.prepare(base, LORA)
+    with torch.no_grad():  # trained adapters: B is no longer zero, so the merge changes weights
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    lora.save_merged(policy, tmp_path / "model", base_path=embedded["model"], revision=None)
+    stored = lora.merge_adapter(tmp_path / lora.ADAPTER_DIR, embedded["model"], tmp_path / "ref")
+    in_place = load_file(tmp_path / "model" / "model.safetensors")
+    from_stored = load_file(stored / "model.safetensors")
+    original = load_file(f"{embedded['model']}/model.safetensors")
+    assert in_place.keys() == from_stored.keys()
+    assert all(torch.equal(in_place[k], from_stored[k]) for k in in_place)
+    assert any(not torch.equal(in_place[k], original[k]) for k in in_place)  # it did merge
+
+
 def test_the_lora_recipe_is_a_valid_config_with_adapters():
     cfg = load_config(PROJECT_ROOT / "configs" / "lora-smollm2.yaml")
     assert cfg.model.lora is not None and cfg.model.lora.r == 16

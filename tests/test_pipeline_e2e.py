@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_stages, run_cli, run_pipeline
+from tests.conftest import copy_stages, run_cli, run_pipeline, worker_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ STAGES = ["validate", "sft", "reference", "dpo", "evaluate", "register", "promot
 MOVES = ["dpo.max_steps=40", "dpo.learning_rate=2e-3", "eval.num_prompts=64"]
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def first_run(tmp_path_factory, cli_env, shared_stages):
     """The first full run of a work directory whose validate, sft and reference were built
     by the session's first run (`shared_stages`), on the session's Prefect server."""
@@ -98,6 +98,9 @@ def test_mlflow_shows_what_a_user_looks_for(first_run):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     view = _json.loads(experiment.tags["mlflow.sharedViewState.dpoflow-runs"])
     assert {"params.`dpo.beta`", "metrics.`eval/win_rate`"} <= set(view["selectedColumns"])
+    # The UI shows the ordered columns first: β and the loss type lead, where a screen shows them.
+    assert view["columnOrder"][:2] == ["params.`dpo.beta`", "params.`dpo.loss_type`"]
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`eval/win_rate`", False)
 
     params = run.data.params
     assert params["dpo.beta"] == "0.1" and params["dpo.loss_type"] == "sigmoid"

@@ -11,7 +11,7 @@ import pytest
 from prefect import flow
 
 from dpoflow.tasks.common import build_once, stage_task
-from tests.conftest import copy_stages, run_pipeline
+from tests.conftest import copy_stages, run_pipeline, worker_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def artifacts(client, flow_run_id) -> dict:
     return {artifact.key: artifact for artifact in found}
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def two_runs(tmp_path_factory, cli_env, shared_stages):
     """A run on a copy of the shared stages, then the same run again (fully cached)."""
     workdir = copy_stages(shared_stages, tmp_path_factory.mktemp("prefect-view"))

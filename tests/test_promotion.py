@@ -29,6 +29,7 @@ from dpoflow.tasks.promote import (
     rollback,
 )
 from dpoflow.tasks.register import find_version
+from tests.conftest import worker_fixture
 from tests.servers import background, free_port
 from tests.test_evaluation import save_tiny_model
 
@@ -198,7 +199,7 @@ class FaultyProxy:
         self._thread.join(timeout=5)
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """A real `mlflow server` on loopback over SQLite, for this module."""
     root = tmp_path_factory.mktemp("mlflow-server")

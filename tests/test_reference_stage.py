@@ -15,6 +15,7 @@ from dpoflow.models.reference_worker import EXIT_AFTER_CHUNKS, OUTPUT
 from dpoflow.models.trainer import batch_indices, examples_read, read_pairs, split_heldout
 from dpoflow.tasks.launcher import TrainingFailed, run_training
 from dpoflow.tasks.reference import PAIRS_READ, WORKER
+from tests.conftest import worker_fixture
 
 N_PAIRS = 64
 # 3 steps of 8 pairs read 24 of the 64 pairs: 3 chunks of 8.
@@ -59,7 +60,7 @@ def run_job(spec: dict, lines: list[str] | None = None) -> tuple[dict, dict, flo
     return result, read_reference_logps(out / OUTPUT), time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def one_process(embedded, tmp_path_factory):
     lines: list[str] = []
     result, stored, seconds = run_job(job(embedded, tmp_path_factory.mktemp("one")), lines)

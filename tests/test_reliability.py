@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, RETRY_DELAYS, SMALL, copy_stages, run_pipeline
+from tests.conftest import (
+    PROJECT_ROOT,
+    RETRY_DELAYS,
+    SMALL,
+    copy_stages,
+    run_pipeline,
+    worker_fixture,
+)
 from tests.servers import background, free_port, processes_mentioning, stop
 from tests.test_llm_judge import ChatServer
 
@@ -231,7 +238,7 @@ class MlflowServer:
             self._stack = None
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def trained(tmp_path_factory, cli_env, shared_stages) -> Iterator[tuple]:
     """A work directory trained through DPO against a live MLflow server."""
     workdir = copy_stages(shared_stages, tmp_path_factory.mktemp("served"))

@@ -24,7 +24,7 @@ import pytest
 from dpoflow.data_checks.loading import _chat_renderer
 from dpoflow.models.generation import generate, load_causal_lm
 from dpoflow.models.serving import log_generator
-from tests.conftest import base_env, run_cli
+from tests.conftest import base_env, run_cli, worker_fixture
 from tests.servers import background, free_port
 from tests.test_evaluation import save_tiny_model
 
@@ -41,7 +41,7 @@ def greedy(model_dir: Path, prompt: str, max_new_tokens: int = TOKENS) -> str:
     return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=0.0)[0]
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def served(tmp_path_factory) -> Iterator[SimpleNamespace]:
     """Versions 1 and 2 (other weights) and 3 (broken) of NAME; champion v1; `dpoflow serve`
     polling the alias every second."""

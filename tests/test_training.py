@@ -15,6 +15,7 @@ import torch
 
 from dpoflow.config import DistributedConfig, DPOConfig, SFTConfig
 from dpoflow.tasks.launcher import TrainingTimedOut, child_env, launcher_command, run_training
+from tests.conftest import worker_fixture
 from tests.servers import processes_mentioning
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def losses(rows: list[dict]) -> list[float]:
     return [r["loss"] for r in sorted(rows, key=lambda r: r["step"])]
 
 
-@pytest.fixture(scope="module")
+@worker_fixture
 def one_process(embedded, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
     return train(make_job(embedded, out), out)

@@ -7,8 +7,9 @@ Not part of the test suite (it needs Chromium: `apt-get install -y chromium`). I
 two-β work directory (`dpoflow sweep --betas 0.1,0.5` on the tests' small settings, into one
 MLflow store) while a Prefect server with its UI records the flow runs, then starts `mlflow
 server` on that store and takes headless Chromium screenshots of: the MLflow runs table as
-it opens, the compare view of the two β runs, a run's charts, the model version page, and
-the Prefect flow runs list, a flow run's artifacts and its win-rate and samples artifacts.
+the README's link opens it, the compare view of the two β runs, a run's charts, the model
+version page, and the Prefect flow runs list, a flow run's artifacts and its win-rate and
+samples artifacts.
 Every server it starts is stopped when it ends, however it ends. Run again on the same work
 directory, it trains only what changed (dpoflow's stage cache), so the pictures follow the
 code.
@@ -28,6 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote
 
+from dpoflow.tasks.tracking import ML_VIEW, RUNS_VIEW_PATH
 from tests.conftest import PROJECT_ROOT, SMALL
 from tests.servers import background, free_port
 
@@ -45,7 +47,7 @@ def chromium() -> str:
     return found
 
 
-def screenshot(browser: str, url: str, out: Path, wait_ms: int = 60000) -> None:
+def screenshot(browser: str, url: str, out: Path, wait_ms: int = 120000) -> None:
     """One headless Chromium screenshot of `url`: a fresh profile each time, nothing online."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"]
@@ -111,14 +113,15 @@ def mlflow_pages(workdir: Path) -> dict[str, str]:
     version = max(int(v.version) for v in client.search_model_versions(f"name='{model.name}'"))
     compare = quote(json.dumps(runs, separators=(",", ":")))
     return {
-        # As a click on the experiment opens it, then as the README's link opens it.
-        "mlflow-experiment.png": f"/#/experiments/{experiment}",
-        "mlflow-runs.png": f"/#/experiments/{experiment}/runs?viewStateShareKey=dpoflow-runs"
-        "&workflowType=machine_learning",
+        # As the README's link opens it. A fresh browser's GenAI/ML switch is on GenAI: every
+        # page is opened with the switch on Machine learning, as dpoflow's links set it.
+        "mlflow-runs.png": "/" + RUNS_VIEW_PATH.format(id=experiment),
         "mlflow-compare.png": f"/#/compare-runs?runs={compare}&experiments="
-        + quote(json.dumps([experiment])),
-        "mlflow-run-charts.png": f"/#/experiments/{experiment}/runs/{runs[0]}/model-metrics",
-        "mlflow-model-version.png": f"/#/models/{model.name}/versions/{version}",
+        + quote(json.dumps([experiment]))
+        + f"&{ML_VIEW}",
+        "mlflow-run-charts.png": f"/#/experiments/{experiment}/runs/{runs[0]}/model-metrics"
+        f"?{ML_VIEW}",
+        "mlflow-model-version.png": f"/#/models/{model.name}/versions/{version}?{ML_VIEW}",
     }
 
 
@@ -137,7 +140,8 @@ def prefect_pages(prefect_url: str) -> dict[str, str]:
         artifacts = {a.key: a.id for a in client.read_artifacts(artifact_filter=where)}
     return {
         "prefect-runs.png": "/runs",
-        "prefect-flow-run.png": f"/runs/flow-run/{child.id}?tab=Artifacts",
+        # Prefect 3.9's V1 pages open a flow run on Logs whatever `tab` says; V2's honour it.
+        "prefect-flow-run.png": f"/v2/runs/flow-run/{child.id}?tab=Artifacts",
         "prefect-run-summary.png": f"/artifacts/artifact/{artifacts['run-summary']}",
         "prefect-win-rate.png": f"/artifacts/artifact/{artifacts['win-rate']}",
         "prefect-eval-samples.png": f"/artifacts/artifact/{artifacts['eval-samples']}",
@@ -164,7 +168,8 @@ def main() -> None:
     with ExitStack() as servers:
         port = free_port()
         prefect_url = f"http://127.0.0.1:{port}"
-        env = dpoflow_env(f"{prefect_url}/api", home)
+        # The UI asks the server where its API is; without this it answers port 4200.
+        env = dpoflow_env(f"{prefect_url}/api", home) | {"PREFECT_UI_API_URL": f"{prefect_url}/api"}
         cmd = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
         cmd += ["--port", str(port), "--analytics-off"]  # with services: task runs are recorded
         print(f"starting the Prefect server and UI at {prefect_url}", flush=True)
