@@ -125,7 +125,7 @@ def client(uri: str):
 
 # The experiment holds training runs, not GenAI traces. MLflow 3.17's UI does not read this tag
 # to pick its pages (the browser's remembered GenAI / Machine learning switch does, GenAI in a
-# fresh browser): every link dpoflow prints carries `workflowType=machine_learning`, which sets it.
+# fresh browser): the runs view's link, RUNS_VIEW_PATH, carries ML_VIEW, which sets the switch.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ML_VIEW = "workflowType=machine_learning"
 # A runs-table view stored on the experiment (what the UI's "Share" button stores): the
@@ -144,7 +144,7 @@ RUNS_VIEW_COLUMNS = (
     "attributes.`Models`",
 )
 RUNS_VIEW_WIDTHS = {"attributes.`Description`": 240, "attributes.`Dataset`": 160}
-RUNS_VIEW_ORDER = "metrics.`eval/win_rate`"
+RUNS_VIEW_SORT = "metrics.`eval/win_rate`"
 RUNS_VIEW_PATH = f"#/experiments/{{id}}/runs?viewStateShareKey={RUNS_VIEW_KEY}&{ML_VIEW}"
 
 
@@ -159,7 +159,7 @@ def experiment_tags() -> dict[str, str]:
         "columnWidths": RUNS_VIEW_WIDTHS,
         # Best first. Sorted by anything but date, MLflow also lists nested runs (a sweep's β
         # runs) beside their parent instead of folded under it; a shared view cannot unfold them.
-        "orderByKey": RUNS_VIEW_ORDER,
+        "orderByKey": RUNS_VIEW_SORT,
         "orderByAsc": False,
     }
     return EXPERIMENT_KIND | {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
