@@ -209,6 +209,13 @@ class DistributedConfig(Section):
     master_port: int | None = Field(None, ge=1024, le=65535)
     timeout_seconds: int | None = Field(None, ge=1, description="end training after this long")
 
+    @model_validator(mode="after")
+    def _nodes_are_listed(self) -> DistributedConfig:
+        # Without a hostfile a job runs on this machine only (tasks/launcher.py).
+        if self.num_nodes > 1 and not self.hostfile:
+            raise ValueError("num_nodes > 1 needs distributed.hostfile, the list of the nodes")
+        return self
+
 
 class RegistryConfig(Section):
     model_name: str = "dpoflow-policy"

@@ -127,10 +127,12 @@ def write_summary(path: Path | None, summary: dict) -> None:
 
 def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -> dict:
     quiet_libraries()
+    # Mistakes a user can fix are refused before Prefect starts (a missing model before the
+    # stages, and torch with them, are even imported).
+    check_model_source(cfg.model.base)
     from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
 
-    check_stage_name(until)  # mistakes a user can fix are refused before Prefect starts
-    check_model_source(cfg.model.base)
+    check_stage_name(until)
     with prefect_api(workdir):
         return dpo_pipeline(config=cfg.model_dump(mode="json"), workdir=str(workdir), until=until)
 

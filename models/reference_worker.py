@@ -2,6 +2,9 @@
 
     deepspeed --num_gpus N --module dpoflow.models.reference_worker --job job.json
 
+(by hand; `tasks/launcher.py` starts DeepSpeed's node launcher directly on one machine,
+one process fewer: `models/node_launcher.py`).
+
 It scores only the pairs the DPO run of the job's `train` section will read
 (`trainer.examples_read`), in chunks of `chunk_pairs` pairs: the pairs, shortest first,
 are cut into chunks and chunk c goes to rank c mod world. Each finished chunk is a

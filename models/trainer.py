@@ -2,6 +2,9 @@
 
     deepspeed --num_gpus N --module dpoflow.models.trainer --job job.json
 
+(by hand; `tasks/launcher.py` starts DeepSpeed's node launcher directly on one machine,
+one process fewer: `models/node_launcher.py`).
+
 The job file (written by `tasks/launcher.py`) says what to train: `kind` is
 "sft" (NLL of answer tokens) or "dpo" (the preference loss against a frozen
 reference). Everything else is the same loop, so a fix lands in one place:
@@ -48,6 +51,7 @@ from dpoflow.models.logprobs import (
     tokenize_example,
 )
 from dpoflow.models.losses import preference_loss
+from dpoflow.models.node_launcher import import_deepspeed
 from dpoflow.models.packing import pair_inputs
 from dpoflow.models.progress import Progress
 from dpoflow.models.reference import pair_ids, read_reference_logps
@@ -278,31 +282,6 @@ def deepspeed_config(job: dict, world: int) -> dict:
 
 
 # ---------------------------------------------------------------- the loop
-
-
-def import_deepspeed():
-    """`import deepspeed`, without the import of mlflow it makes on the way.
-
-    `import deepspeed` loads deepspeed.autotuning.autotuner, which imports mlflow whenever it is
-    installed (to log autotuning experiments; this worker never autotunes). mlflow brings pandas,
-    scipy, fastapi, opentelemetry and more: about 115 MB of resident memory and 1 s in every
-    training process, for nothing: the worker reports through metrics.jsonl, never mlflow. So
-    mlflow is hidden during that one import (DeepSpeed catches the ImportError and sets its
-    has_mlflow to False); afterwards `import mlflow` works as usual. A process that has already
-    imported mlflow or deepspeed is left as it is.
-    """
-    import sys
-
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` -> ImportError
-    try:
-        import deepspeed
-    finally:
-        del sys.modules["mlflow"]
-    return deepspeed
 
 
 @contextlib.contextmanager

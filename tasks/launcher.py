@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from dpoflow.errors import CheckpointError, ConfigError, UserError
+from dpoflow.models.node_launcher import world_info
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The training loop, run by name under the launcher (a string: it is imported in the child only).
 TRAINER = "dpoflow.models.trainer"
+# DeepSpeed's launcher for the processes of this machine (run by name, like the trainer).
+NODE_LAUNCHER = "dpoflow.models.node_launcher"
 # Beside job.json: why the job refused to run (models/trainer.py's JOB_ERROR).
 JOB_ERROR = "error.json"
 
@@ -58,11 +61,18 @@ def check_batch_layout(train: dict, distributed: dict) -> None:
 
 
 def launcher_command(job_path: Path, distributed: dict, module: str = TRAINER) -> list[str]:
+    """DeepSpeed's launcher running `module --job job_path` in every process: on this machine
+    its node launcher directly (what the `deepspeed` command would start, one process fewer:
+    see models/node_launcher.py); with a hostfile the `deepspeed` command, for its ssh."""
+    port = str(distributed.get("master_port") or free_port())
+    processes = distributed.get("num_gpus") or distributed["num_processes"]
+    if not distributed.get("hostfile"):
+        cmd = [sys.executable, "-u", "-m", NODE_LAUNCHER, f"--world_info={world_info(processes)}"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}", "--module"]
+        return cmd + [module, "--job", str(job_path)]
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--master_port", str(distributed.get("master_port") or free_port())]
-    if distributed.get("hostfile"):  # a cluster: DeepSpeed's own multi-node launcher
-        cmd += ["--hostfile", distributed["hostfile"], "--num_nodes", str(distributed["num_nodes"])]
-    cmd += ["--num_gpus", str(distributed.get("num_gpus") or distributed["num_processes"])]
+    cmd = [deepspeed, "--master_port", port, "--hostfile", distributed["hostfile"]]
+    cmd += ["--num_nodes", str(distributed["num_nodes"]), "--num_gpus", str(processes)]
     return cmd + ["--module", module, "--job", str(job_path)]
 
 
@@ -152,7 +162,7 @@ def run_training(
                     f"({timeout_seconds:g} s) and was stopped: raise distributed.timeout_seconds, "
                     "or unset it, and run again (training resumes from its last checkpoint)."
                 )
-            time.sleep(1.0)
+            time.sleep(0.2)  # the metrics tail and the exit are seen within a fifth of a second
         reader.join(timeout=5)
         metrics.poll()
     finally:

@@ -1,0 +1,58 @@
+"""DeepSpeed's launcher for the processes of one machine, as `tasks/launcher.py` starts it.
+
+    python -m dpoflow.models.node_launcher --world_info=B64 --master_addr=127.0.0.1 \
+        --master_port=P --module dpoflow.models.trainer --job job.json
+
+This is `deepspeed.launcher.launch`, the process the `deepspeed` command starts on every
+node: it spawns one worker per local rank (RANK, LOCAL_RANK, WORLD_SIZE set), streams their
+output and ends them all when one fails. On a single machine the `deepspeed` command itself
+only works out the world info (`{"localhost": [0, ..., n-1]}`, base64 JSON) and starts this
+launcher, at the cost of one more process that imports torch and DeepSpeed (about 5 s of
+CPU a launch). So a job on this machine starts the launcher directly; a job with a hostfile
+still goes through the `deepspeed` command, which reaches the other nodes over ssh.
+
+Here, and in every worker, DeepSpeed is imported without MLflow (`import_deepspeed`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import runpy
+import sys
+
+
+def import_deepspeed():
+    """`import deepspeed`, without the import of mlflow it makes on the way.
+
+    `import deepspeed` loads deepspeed.autotuning.autotuner, which imports mlflow whenever it is
+    installed (to log autotuning experiments; no dpoflow process autotunes). mlflow brings
+    pandas, scipy, fastapi, opentelemetry and more: about 115 MB of resident memory and 2 s of
+    CPU in every launcher and training process, for nothing: they report through files, never
+    mlflow. So mlflow is hidden during that one import (DeepSpeed catches the ImportError and
+    sets its has_mlflow to False); afterwards `import mlflow` works as usual. A process that has
+    already imported mlflow or deepspeed is left as it is.
+    """
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` -> ImportError
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
+def world_info(num_local_processes: int) -> str:
+    """The `--world_info` value for `num_local_processes` ranks on this machine, as the
+    `deepspeed` command encodes it for `--num_gpus N` (device slots 0..N-1 of localhost)."""
+    slots = {"localhost": list(range(num_local_processes))}
+    return base64.urlsafe_b64encode(json.dumps(slots).encode()).decode()
+
+
+if __name__ == "__main__":
+    import_deepspeed()
+    # DeepSpeed's launcher reads its own command line: this module's arguments are its own.
+    runpy.run_module("deepspeed.launcher.launch", run_name="__main__", alter_sys=True)

@@ -1,0 +1,58 @@
+"""How a training job is launched: DeepSpeed's node launcher on one machine, the `deepspeed`
+command with a hostfile, DeepSpeed imported without MLflow."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dpoflow.tasks.launcher import NODE_LAUNCHER, launcher_command
+
+ONE_MACHINE = {"num_processes": 2, "num_nodes": 1, "master_port": 29611}
+
+
+def test_one_machine_starts_deepspeeds_node_launcher_with_the_runners_world_info():
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, encode_world_info
+
+    cmd = launcher_command(Path("job.json"), ONE_MACHINE)
+    assert cmd[:4] == [sys.executable, "-u", "-m", NODE_LAUNCHER]
+    assert cmd[-4:] == ["--module", "dpoflow.models.trainer", "--job", "job.json"]
+    assert "--master_addr=127.0.0.1" in cmd and "--master_port=29611" in cmd
+    # What the `deepspeed` command hands its node launcher for `--num_gpus 2` on one machine.
+    runners = encode_world_info(apply_num_nodes_and_gpus({"localhost": 1}, -1, 2))
+    ours = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--world_info="))
+    assert ours == runners
+    assert json.loads(base64.urlsafe_b64decode(ours)) == {"localhost": [0, 1]}
+
+
+def test_a_cluster_goes_through_the_deepspeed_command_and_its_hostfile():
+    cluster = ONE_MACHINE | {"hostfile": "infra/hostfile", "num_nodes": 2, "num_gpus": 8}
+    cmd = launcher_command(Path("job.json"), cluster, module="dpoflow.models.reference_worker")
+    assert Path(cmd[0]).name == "deepspeed"
+    flags = dict(zip(cmd[1:-4:2], cmd[2:-4:2], strict=True))
+    assert flags == {
+        "--master_port": "29611",
+        "--hostfile": "infra/hostfile",
+        "--num_nodes": "2",
+        "--num_gpus": "8",
+    }
+    assert cmd[-4:] == ["--module", "dpoflow.models.reference_worker", "--job", "job.json"]
+
+
+def test_deepspeed_is_imported_without_mlflow_which_still_imports_after():
+    probe = (
+        "import sys\n"
+        "from dpoflow.models.node_launcher import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "print('deepspeed' in sys.modules, 'mlflow' in sys.modules)\n"
+        "import mlflow\n"
+        "print(mlflow.__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
+    )
+    # The last two lines: DeepSpeed may print its accelerator warning first.
+    assert proc.stdout.splitlines()[-2:] == ["True False", "mlflow"]
