@@ -27,6 +27,7 @@ from dpoflow.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from dpoflow.errors import UserError
 from dpoflow.flows.prefect_api import prefect_api
 from dpoflow.flows.run_view import stage_status
+from dpoflow.process_exit import freeze_objects_at_exit
 from dpoflow.tasks.sources import check_model_source
 
 app = typer.Typer(
@@ -410,6 +411,7 @@ def sweep(
 
 
 def main() -> None:
+    freeze_objects_at_exit()
     try:
         app()
     except KeyboardInterrupt:

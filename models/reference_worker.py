@@ -41,6 +41,7 @@ from dpoflow.models.trainer import (
     worker_args,
     write_atomic,
 )
+from dpoflow.process_exit import freeze_objects_at_exit
 
 OUTPUT = "reference_logps.safetensors"
 # A test's fault hook: the job exits after writing this many chunks, as a kill would end it.
@@ -187,6 +188,7 @@ def joined(chunks_dir: Path, plan: list[list[int]], ids: list[str]) -> dict:
 
 
 def main() -> None:
+    freeze_objects_at_exit()
     args = worker_args("dpoflow reference log-probs worker")
     run(json.loads(Path(args.job).read_text()))
 

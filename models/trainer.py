@@ -55,6 +55,7 @@ from dpoflow.models.node_launcher import import_deepspeed
 from dpoflow.models.packing import pair_inputs
 from dpoflow.models.progress import Progress
 from dpoflow.models.reference import pair_ids, read_reference_logps
+from dpoflow.process_exit import freeze_objects_at_exit
 
 # infra/deepspeed/ is installed as the data package `dpoflow.deepspeed` (pyproject.toml).
 INFRA = Path(str(resources.files("dpoflow.deepspeed")))
@@ -758,6 +759,7 @@ def worker_args(description: str) -> argparse.Namespace:
 
 
 def main() -> None:
+    freeze_objects_at_exit()
     args = worker_args("dpoflow training worker (SFT or DPO)")
     try:
         train(json.loads(Path(args.job).read_text()))

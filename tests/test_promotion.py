@@ -4,11 +4,9 @@ MLflow server behind a proxy that fails the registry look-ups the gate depends o
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,7 +28,7 @@ from dpoflow.tasks.promote import (
 )
 from dpoflow.tasks.register import find_version
 from tests.conftest import worker_fixture
-from tests.servers import background, free_port
+from tests.servers import MLFLOW_SERVER_ENV, background, free_port, mlflow_server_command
 from tests.test_evaluation import save_tiny_model
 
 MODEL = "gate-test"
@@ -204,11 +202,8 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """A real `mlflow server` on loopback over SQLite, for this module."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    cmd += ["--artifacts-destination", str(root / "artifacts")]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = mlflow_server_command(port, f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | MLFLOW_SERVER_ENV
     url = f"http://127.0.0.1:{port}"
     with background(cmd, root / "mlflow.log", env, root, f"{url}/health"):
         yield url

@@ -28,7 +28,14 @@ from tests.conftest import (
     run_pipeline,
     worker_fixture,
 )
-from tests.servers import background, free_port, processes_mentioning, stop
+from tests.servers import (
+    MLFLOW_SERVER_ENV,
+    background,
+    free_port,
+    mlflow_server_command,
+    processes_mentioning,
+    stop,
+)
 from tests.test_llm_judge import ChatServer
 
 pytestmark = pytest.mark.slow
@@ -222,13 +229,12 @@ class MlflowServer:
         self._stack: contextlib.ExitStack | None = None
 
     def start(self) -> None:
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--workers", "1"]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        store = f"sqlite:///{self.root / 'mlflow.db'}"
+        cmd = mlflow_server_command(self.port, store, self.root / "artifacts")
+        env = self.env | MLFLOW_SERVER_ENV
         self._stack = contextlib.ExitStack()
         self.proc = self._stack.enter_context(
-            background(cmd, self.root / "mlflow.log", self.env, self.root, f"{self.url}/health")
+            background(cmd, self.root / "mlflow.log", env, self.root, f"{self.url}/health")
         )
 
     def stop(self) -> None:

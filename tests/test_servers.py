@@ -22,7 +22,7 @@ import pytest
 from dpoflow.config import apply_overrides, load_config
 from dpoflow.tasks.tracking import flatten
 from tests.conftest import PROJECT_ROOT, SMALL, copy_stages
-from tests.servers import background, free_port
+from tests.servers import MLFLOW_SERVER_ENV, background, free_port, mlflow_server_command
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
@@ -97,14 +97,11 @@ def servers(tmp_path, cli_env) -> Iterator[dict[str, str]]:
         }
         prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
         prefect_cmd += ["--port", str(prefect_port)]
-        mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1"]
-        mlflow_cmd += ["--port", str(mlflow_port), "--workers", "1"]
         backend = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{mlflow_db}"
-        mlflow_cmd += ["--backend-store-uri", backend]
-        mlflow_cmd += ["--artifacts-destination", str(tmp_path / "mlflow-artifacts")]
+        mlflow_cmd = mlflow_server_command(mlflow_port, backend, tmp_path / "mlflow-artifacts")
         for cmd, name, cmd_env, ready in [
             (prefect_cmd, "prefect.log", prefect_env, f"{api}/health"),
-            (mlflow_cmd, "mlflow.log", env, f"{mlflow_url}/health"),
+            (mlflow_cmd, "mlflow.log", env | MLFLOW_SERVER_ENV, f"{mlflow_url}/health"),
         ]:
             stack.enter_context(background(cmd, tmp_path / name, cmd_env, tmp_path, ready))
         yield env

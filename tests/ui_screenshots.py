@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from dpoflow.tasks.tracking import ML_VIEW, RUNS_VIEW_PATH
 from tests.conftest import PROJECT_ROOT, SMALL
-from tests.servers import background, free_port
+from tests.servers import MLFLOW_SERVER_ENV, background, free_port, mlflow_server_command
 
 BETAS = "0.1,0.5"
 # The tests' small settings (quick on a busy machine), with held-out points on the curves.
@@ -181,12 +181,9 @@ def main() -> None:
         # Port 5000 when it is free: the links in the Prefect artifacts point there.
         mlflow_port = 5000 if port_free(5000) else free_port()
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1"]
-        cmd += ["--port", str(mlflow_port), "--backend-store-uri"]
-        cmd += [f"sqlite:///{workdir / 'mlflow.db'}", "--workers", "1"]
+        cmd = mlflow_server_command(mlflow_port, f"sqlite:///{workdir / 'mlflow.db'}", None)
         print(f"starting the MLflow server at {mlflow_url}", flush=True)
-        # Only the UI is needed: not MLflow's background job workers (seven processes).
-        ui_env = env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        ui_env = env | MLFLOW_SERVER_ENV  # only the UI is needed, not MLflow's job workers
         servers.enter_context(
             background(cmd, workdir / "mlflow-ui.log", ui_env, workdir, f"{mlflow_url}/health")
         )
