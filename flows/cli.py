@@ -27,7 +27,7 @@ from dpoflow.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from dpoflow.errors import UserError
 from dpoflow.flows.prefect_api import prefect_api
 from dpoflow.flows.run_view import stage_status
-from dpoflow.process_exit import freeze_objects_at_exit
+from dpoflow.process_gc import freeze_objects_at_exit, imports_without_collection
 from dpoflow.tasks.sources import check_model_source
 
 app = typer.Typer(
@@ -131,7 +131,8 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -
     # Mistakes a user can fix are refused before Prefect starts (a missing model before the
     # stages, and torch with them, are even imported).
     check_model_source(cfg.model.base)
-    from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
+    with imports_without_collection():  # the stages, torch and transformers: see process_gc
+        from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
 
     check_stage_name(until)
     with prefect_api(workdir):
@@ -241,9 +242,10 @@ def promote_by_hand(
 ) -> dict:
     """The promotion gate on one version, with the config's evaluation prompts (as the
     validate stage wrote them) and settings: what the pipeline's promote stage does."""
-    from dpoflow.flows.pipeline import validated_output
-    from dpoflow.tasks.promote import gate_prompts, promote_version
-    from dpoflow.tasks.tracking import tracking_uri
+    with imports_without_collection():
+        from dpoflow.flows.pipeline import validated_output
+        from dpoflow.tasks.promote import gate_prompts, promote_version
+        from dpoflow.tasks.tracking import tracking_uri
 
     prompts: list[str] = []
     if not force:

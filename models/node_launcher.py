@@ -53,9 +53,10 @@ def world_info(num_local_processes: int) -> str:
 
 
 if __name__ == "__main__":
-    from dpoflow.process_exit import freeze_objects_at_exit
+    from dpoflow.process_gc import freeze_objects_at_exit, imports_without_collection
 
     freeze_objects_at_exit()
-    import_deepspeed()
+    with imports_without_collection():
+        import_deepspeed()
     # DeepSpeed's launcher reads its own command line: this module's arguments are its own.
     runpy.run_module("deepspeed.launcher.launch", run_name="__main__", alter_sys=True)

@@ -41,7 +41,7 @@ from dpoflow.models.trainer import (
     worker_args,
     write_atomic,
 )
-from dpoflow.process_exit import freeze_objects_at_exit
+from dpoflow.process_gc import freeze_objects_at_exit
 
 OUTPUT = "reference_logps.safetensors"
 # A test's fault hook: the job exits after writing this many chunks, as a kill would end it.

@@ -55,7 +55,7 @@ from dpoflow.models.node_launcher import import_deepspeed
 from dpoflow.models.packing import pair_inputs
 from dpoflow.models.progress import Progress
 from dpoflow.models.reference import pair_ids, read_reference_logps
-from dpoflow.process_exit import freeze_objects_at_exit
+from dpoflow.process_gc import freeze_objects_at_exit
 
 # infra/deepspeed/ is installed as the data package `dpoflow.deepspeed` (pyproject.toml).
 INFRA = Path(str(resources.files("dpoflow.deepspeed")))

@@ -12,6 +12,7 @@ anywhere a stage can reach invalidates exactly the stages that reach it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib.util
 from functools import cache
@@ -43,10 +44,26 @@ def module_file(name: str) -> Path | None:
     return Path(spec.origin).resolve()
 
 
-def imported_names(source: str) -> set[str]:
+# Attempts at parsing one source: see `parse`.
+PARSE_ATTEMPTS = 3
+
+
+def parse(source: str) -> ast.Module:
+    """`ast.parse`, tried again on CPython 3.11's spurious SystemError ("AST constructor
+    recursion depth mismatch"): its AST builder keeps one recursion counter per interpreter,
+    which another thread building an AST at the same moment upsets (python/cpython#106905,
+    seen in a Prefect worker's flow run); each call starts the counter afresh."""
+    for _ in range(PARSE_ATTEMPTS - 1):
+        with contextlib.suppress(SystemError):
+            return ast.parse(source)
+    return ast.parse(source)  # the last attempt: its error, if any, is raised
+
+
+@cache  # every stage's closure reads the same modules: each source is parsed once
+def imported_names(source: str) -> frozenset[str]:
     """Every dotted name `source` imports or names in a string, project or not."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -56,7 +73,7 @@ def imported_names(source: str) -> set[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if _is_project_name(node.value) and node.value.replace(".", "").isidentifier():
                 names.add(node.value)
-    return names
+    return frozenset(names)
 
 
 def _with_parents(name: str) -> list[str]:

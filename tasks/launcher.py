@@ -30,6 +30,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "dpoflow.models.trainer"
 # DeepSpeed's launcher for the processes of this machine (run by name, like the trainer).
 NODE_LAUNCHER = "dpoflow.models.node_launcher"
+# What the launcher starts in every process: it imports the job's module, then runs it.
+WORKER_ENTRY = "dpoflow.models.worker"
 # Beside job.json: why the job refused to run (models/trainer.py's JOB_ERROR).
 JOB_ERROR = "error.json"
 
@@ -61,19 +63,25 @@ def check_batch_layout(train: dict, distributed: dict) -> None:
 
 
 def launcher_command(job_path: Path, distributed: dict, module: str = TRAINER) -> list[str]:
-    """DeepSpeed's launcher running `module --job job_path` in every process: on this machine
+    """DeepSpeed's launcher running `module --job job_path` in every process (through
+    models/worker.py, which imports it with the garbage collector paused): on this machine
     its node launcher directly (what the `deepspeed` command would start, one process fewer:
     see models/node_launcher.py); with a hostfile the `deepspeed` command, for its ssh."""
     port = str(distributed.get("master_port") or free_port())
     processes = distributed.get("num_gpus") or distributed["num_processes"]
     if not distributed.get("hostfile"):
         cmd = [sys.executable, "-u", "-m", NODE_LAUNCHER, f"--world_info={world_info(processes)}"]
-        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}", "--module"]
-        return cmd + [module, "--job", str(job_path)]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
+        return cmd + worker_args(module, job_path)
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [deepspeed, "--master_port", port, "--hostfile", distributed["hostfile"]]
     cmd += ["--num_nodes", str(distributed["num_nodes"]), "--num_gpus", str(processes)]
-    return cmd + ["--module", module, "--job", str(job_path)]
+    return cmd + worker_args(module, job_path)
+
+
+def worker_args(module: str, job_path: Path) -> list[str]:
+    """The launcher's arguments that start `module --job job_path` in every process."""
+    return ["--module", WORKER_ENTRY, "--worker", module, "--job", str(job_path)]
 
 
 def child_env(distributed: dict) -> dict[str, str]:

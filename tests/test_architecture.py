@@ -242,6 +242,34 @@ def test_an_edit_deep_in_promotes_closure_changes_its_key_and_not_validates(tmp_
     assert after["validate"] == before["validate"]
 
 
+def test_a_spurious_ast_system_error_is_parsed_again_and_a_lasting_one_raised(monkeypatch):
+    """CPython 3.11's AST builder can raise SystemError when another thread builds an AST at
+    the same moment (python/cpython#106905): a stage key must not fail a run for it."""
+    import ast
+
+    from dpoflow.tasks import code_version
+
+    real, calls = ast.parse, []
+
+    def flaky(source, *args, **kwargs):
+        calls.append(source)
+        if len(calls) < code_version.PARSE_ATTEMPTS:
+            raise SystemError("AST constructor recursion depth mismatch (before=51, after=96)")
+        return real(source, *args, **kwargs)
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("AST constructor recursion depth mismatch (before=1, after=2)")
+
+    # ast.parse is patched only around each call: pytest parses too, to report a failure.
+    with monkeypatch.context() as patch:
+        patch.setattr(ast, "parse", flaky)
+        tree = code_version.parse("import dpoflow.models.trainer")
+    assert tree.body and len(calls) == code_version.PARSE_ATTEMPTS
+    with monkeypatch.context() as patch, pytest.raises(SystemError):
+        patch.setattr(ast, "parse", broken)
+        code_version.parse("import os")
+
+
 def test_no_stage_lists_its_code_by_hand():
     """Code versions are derived: no stage module names project source files."""
     for module, path in MODULES.items():

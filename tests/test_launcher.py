@@ -12,6 +12,8 @@ from pathlib import Path
 from dpoflow.tasks.launcher import NODE_LAUNCHER, launcher_command
 
 ONE_MACHINE = {"num_processes": 2, "num_nodes": 1, "master_port": 29611}
+# Every process the launcher starts runs the worker entry, which imports the job's module.
+ENTRY = ["--module", "dpoflow.models.worker"]
 
 
 def test_one_machine_starts_deepspeeds_node_launcher_with_the_runners_world_info():
@@ -19,7 +21,7 @@ def test_one_machine_starts_deepspeeds_node_launcher_with_the_runners_world_info
 
     cmd = launcher_command(Path("job.json"), ONE_MACHINE)
     assert cmd[:4] == [sys.executable, "-u", "-m", NODE_LAUNCHER]
-    assert cmd[-4:] == ["--module", "dpoflow.models.trainer", "--job", "job.json"]
+    assert cmd[-6:] == ENTRY + ["--worker", "dpoflow.models.trainer", "--job", "job.json"]
     assert "--master_addr=127.0.0.1" in cmd and "--master_port=29611" in cmd
     # What the `deepspeed` command hands its node launcher for `--num_gpus 2` on one machine.
     runners = encode_world_info(apply_num_nodes_and_gpus({"localhost": 1}, -1, 2))
@@ -32,14 +34,14 @@ def test_a_cluster_goes_through_the_deepspeed_command_and_its_hostfile():
     cluster = ONE_MACHINE | {"hostfile": "infra/hostfile", "num_nodes": 2, "num_gpus": 8}
     cmd = launcher_command(Path("job.json"), cluster, module="dpoflow.models.reference_worker")
     assert Path(cmd[0]).name == "deepspeed"
-    flags = dict(zip(cmd[1:-4:2], cmd[2:-4:2], strict=True))
+    flags = dict(zip(cmd[1:-6:2], cmd[2:-6:2], strict=True))
     assert flags == {
         "--master_port": "29611",
         "--hostfile": "infra/hostfile",
         "--num_nodes": "2",
         "--num_gpus": "8",
     }
-    assert cmd[-4:] == ["--module", "dpoflow.models.reference_worker", "--job", "job.json"]
+    assert cmd[-6:] == ENTRY + ["--worker", "dpoflow.models.reference_worker", "--job", "job.json"]
 
 
 def test_deepspeed_is_imported_without_mlflow_which_still_imports_after():
