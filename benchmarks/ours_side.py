@@ -24,6 +24,7 @@ from benchmarks.bench_common import Spec, child_main, lora_settings, rate_name, 
 from dpoflow.config import DPOConfig, SFTConfig
 from dpoflow.models import trainer
 from dpoflow.models.packing import pair_inputs
+from dpoflow.tasks.launcher import free_port
 
 
 def train_section(spec: Spec) -> dict:
@@ -91,7 +92,8 @@ def positions(spec: Spec, section: dict) -> int | None:
 
 def run(spec: Spec) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(spec.get("port", 29533)))
+    # A free port unless the spec names one: two benchmarks at once must not share it.
+    os.environ.setdefault("MASTER_PORT", str(spec.get("port") or free_port()))
     section = train_section(spec)
     work = Path(tempfile.mkdtemp(prefix="ours-", dir=spec.get("scratch")))
     reference_path = spec.get("reference_logps_path") if spec["kind"] == "dpo" else None

@@ -58,3 +58,36 @@ def test_deepspeed_is_imported_without_mlflow_which_still_imports_after():
     )
     # The last two lines: DeepSpeed may print its accelerator warning first.
     assert proc.stdout.splitlines()[-2:] == ["True False", "mlflow"]
+
+
+def test_the_node_launcher_looks_at_its_workers_ten_times_a_second(monkeypatch):
+    import inspect
+    import time
+
+    from deepspeed.launcher import launch
+
+    from dpoflow.models.node_launcher import POLL_SECONDS, QuickerPolling
+
+    # DeepSpeed's launcher still pauses with `time.sleep` between two looks at its workers.
+    assert "time.sleep(1)" in inspect.getsource(launch.main)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    polling = QuickerPolling()
+    polling.sleep(1)
+    polling.sleep(0.05)
+    assert POLL_SECONDS == 0.1 and slept == [0.1, 0.05]
+    assert polling.strftime("%Y", time.gmtime(0)) == "1970"  # the rest is `time`'s
+    # The node launcher's main hands it to DeepSpeed's launcher before running it.
+    probe = (
+        "import contextlib, sys\n"
+        "from deepspeed.launcher import launch\n"
+        "from dpoflow.models import node_launcher\n"
+        "sys.argv = ['node_launcher', '--help']\n"
+        "with contextlib.suppress(SystemExit):\n"
+        "    node_launcher.main()\n"
+        "print(type(launch.time).__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert proc.stdout.splitlines()[-1] == "QuickerPolling"

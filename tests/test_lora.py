@@ -166,18 +166,25 @@ def test_lora_through_the_pipeline_registers_a_model_that_generates(
     proc, _ = run_pipeline(workdir, cli_env, *settings, "registry.merge_adapters=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    # set_tracking_uri sets $MLFLOW_TRACKING_URI too: unset after, or the next tests of this
+    # worker that resolve the default store would find this one.
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    versions = mlflow.MlflowClient().search_model_versions("name='dpoflow-policy'")
-    weights = {str(v.version): v.tags["weights"] for v in versions}
-    assert weights == {"1": "full", "2": "lora_adapter"}
-    adapter_version = next(v for v in versions if str(v.version) == "2")
-    assert adapter_version.tags["adapter_base_run_id"] == adapter_version.tags["sft_run_id"]
-    request = pd.DataFrame(
-        {"prompt": ["This movie was", "I expected"], "max_new_tokens": [8, 8], "temperature": 0}
-    )
-    answers = [
-        mlflow.pyfunc.load_model(f"models:/dpoflow-policy/{v}").predict(request)["text"].tolist()
-        for v in ("1", "2")
-    ]
+    try:
+        versions = mlflow.MlflowClient().search_model_versions("name='dpoflow-policy'")
+        weights = {str(v.version): v.tags["weights"] for v in versions}
+        assert weights == {"1": "full", "2": "lora_adapter"}
+        adapter_version = next(v for v in versions if str(v.version) == "2")
+        assert adapter_version.tags["adapter_base_run_id"] == adapter_version.tags["sft_run_id"]
+        request = pd.DataFrame(
+            {"prompt": ["This movie was", "I expected"], "max_new_tokens": [8, 8], "temperature": 0}
+        )
+        answers = [
+            mlflow.pyfunc.load_model(f"models:/dpoflow-policy/{v}")
+            .predict(request)["text"]
+            .tolist()
+            for v in ("1", "2")
+        ]
+    finally:
+        mlflow.set_tracking_uri(None)
     # Text from both (a greedy answer may be eos at once), the same policy either way.
     assert any(answers[0]) and answers[0] == answers[1]
