@@ -159,6 +159,16 @@ def run_cli(
     )
 
 
+def python_lines(code: str, timeout: int = 300) -> list[str]:
+    """Run `python -c CODE` in a fresh interpreter of this venv; its stdout lines (a non-zero
+    exit fails the test with its stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
 def run_pipeline(
     workdir: Path, env: dict[str, str], *extra: str, name: str = "summary", until: str = ""
 ):

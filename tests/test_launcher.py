@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from dpoflow.tasks.launcher import NODE_LAUNCHER, launcher_command
+from tests.conftest import python_lines
 
 ONE_MACHINE = {"num_processes": 2, "num_nodes": 1, "master_port": 29611}
 # Every process the launcher starts runs the worker entry, which imports the job's module.
@@ -53,11 +53,9 @@ def test_deepspeed_is_imported_without_mlflow_which_still_imports_after():
         "import mlflow\n"
         "print(mlflow.__name__)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
-    )
+    lines = python_lines(probe)
     # The last two lines: DeepSpeed may print its accelerator warning first.
-    assert proc.stdout.splitlines()[-2:] == ["True False", "mlflow"]
+    assert lines[-2:] == ["True False", "mlflow"]
 
 
 def test_the_node_launcher_looks_at_its_workers_ten_times_a_second(monkeypatch):
@@ -87,7 +85,5 @@ def test_the_node_launcher_looks_at_its_workers_ten_times_a_second(monkeypatch):
         "    node_launcher.main()\n"
         "print(type(launch.time).__name__)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
-    )
-    assert proc.stdout.splitlines()[-1] == "QuickerPolling"
+    lines = python_lines(probe)
+    assert lines[-1] == "QuickerPolling"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import python_lines
+
 
 def test_objects_are_frozen_after_the_handlers_registered_later():
     probe = (
@@ -18,10 +20,7 @@ def test_objects_are_frozen_after_the_handlers_registered_later():
         "freeze_objects_at_exit()\n"
         "atexit.register(lambda: print('a later one, unfrozen:', gc.get_freeze_count() == 0))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert proc.stdout.splitlines() == [
+    assert python_lines(probe) == [
         "a later one, unfrozen: True",
         "frozen at the end: True",
     ]
@@ -43,11 +42,7 @@ def test_every_entry_point_freezes_its_objects_at_exit(module):
         "sys.argv = ['x', '--help']\n"
         f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1] == "frozen at the end: True"
+    assert python_lines(probe)[-1] == "frozen at the end: True"
 
 
 JOB = """
