@@ -37,7 +37,6 @@ import time
 from dpoflow.process_gc import freeze_objects_at_exit, imports_without_collection
 if {freeze}:
     freeze_objects_at_exit()
-if {freeze}:
     with imports_without_collection():
         import {module}
 else:

@@ -72,14 +72,14 @@ def launcher_command(job_path: Path, distributed: dict, module: str = TRAINER) -
     if not distributed.get("hostfile"):
         cmd = [sys.executable, "-u", "-m", NODE_LAUNCHER, f"--world_info={world_info(processes)}"]
         cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
-        return cmd + worker_args(module, job_path)
+        return cmd + entry_args(module, job_path)
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [deepspeed, "--master_port", port, "--hostfile", distributed["hostfile"]]
     cmd += ["--num_nodes", str(distributed["num_nodes"]), "--num_gpus", str(processes)]
-    return cmd + worker_args(module, job_path)
+    return cmd + entry_args(module, job_path)
 
 
-def worker_args(module: str, job_path: Path) -> list[str]:
+def entry_args(module: str, job_path: Path) -> list[str]:
     """The launcher's arguments that start `module --job job_path` in every process."""
     return ["--module", WORKER_ENTRY, "--worker", module, "--job", str(job_path)]
 
