@@ -82,6 +82,7 @@ def test_an_unknown_until_stage_is_refused_before_anything_runs(cli_env, tmp_pat
         ("dpo.max_length=16", "max_prompt_length (16) must be below max_length (16)"),
         ("model.base=/no/such/model", "model '/no/such/model' does not exist: set model.base"),
         ("distributed.zero_stage=5", "'distributed.zero_stage' is invalid: Input should be 0, 1"),
+        ("distributed.num_nodes=2", "num_nodes > 1 needs distributed.hostfile, the list of"),
     ],
 )
 def test_a_bad_config_is_one_sentence_before_anything_runs(cli_env, tmp_path, override, message):
