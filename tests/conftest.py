@@ -133,12 +133,14 @@ def shared_stages(tmp_path_factory, cli_env) -> tuple[Path, dict]:
     return workdir, json.loads(summary.read_text())
 
 
-def copy_stages(shared: tuple[Path, dict], workdir: Path) -> Path:
-    """A new work directory holding the shared stages' outputs (and the embedded default),
-    not their MLflow store or Prefect results: its runs log to a store of their own."""
+def copy_stages(shared: tuple[Path, dict], workdir: Path, only: tuple[str, ...] = ()) -> Path:
+    """A new work directory holding the shared stages' outputs (those named in `only`, or all)
+    and the embedded default, not their MLflow store or Prefect results: its runs log to a
+    store of their own."""
     source, _ = shared
-    for folder in ("stages", "embedded"):
-        shutil.copytree(source / folder, workdir / folder, dirs_exist_ok=True)
+    shutil.copytree(source / "embedded", workdir / "embedded", dirs_exist_ok=True)
+    for stage in only or [path.name for path in (source / "stages").iterdir()]:
+        shutil.copytree(source / "stages" / stage, workdir / "stages" / stage, dirs_exist_ok=True)
     for lock in workdir.rglob("*.lock"):
         lock.unlink()
     return workdir

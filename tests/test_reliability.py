@@ -126,7 +126,10 @@ def test_sigkill_of_the_whole_run_mid_dpo_then_the_same_command_resumes(
     )
 
 
-def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(tmp_path, cli_env):
+def test_sigkill_of_the_sft_training_process_is_retried_and_resumes(
+    tmp_path, cli_env, shared_stages
+):
+    copy_stages(shared_stages, tmp_path, only=("validate",))  # SFT runs anew (40 steps here)
     extra = ["sft.max_steps=40", "sft.checkpoint_every=10"]
     proc = start_pipeline(tmp_path, cli_env, *extra)
     sft = tmp_path / "stages" / "sft"

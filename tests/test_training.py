@@ -63,10 +63,10 @@ def make_job(
     }
 
 
-def train(job: dict, out: Path) -> tuple[dict, list[dict]]:
+def train(job: dict, out: Path, log=lambda line: None) -> tuple[dict, list[dict]]:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    result = run_training(job, out, log=lambda line: None, on_metrics=rows.extend)
+    result = run_training(job, out, log=log, on_metrics=rows.extend)
     return result, rows
 
 
@@ -76,8 +76,9 @@ def losses(rows: list[dict]) -> list[float]:
 
 @worker_fixture
 def one_process(embedded, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    return train(make_job(embedded, out), out)
+    """A one-process DPO job: (result, metric rows, its log lines)."""
+    out, lines = tmp_path_factory.mktemp("one"), []
+    return *train(make_job(embedded, out), out, log=lines.append), lines
 
 
 def test_sft_trains_and_saves_a_loadable_model(embedded, tmp_path):
@@ -92,7 +93,7 @@ def test_sft_trains_and_saves_a_loadable_model(embedded, tmp_path):
 
 
 def test_dpo_logs_every_metric_and_learns(one_process):
-    result, rows = one_process
+    result, rows, _ = one_process
     expected = {
         "loss",
         "rewards/chosen",
@@ -285,12 +286,10 @@ def test_embedding_gradient_added_in_place_is_bit_identical(tied, monkeypatch):
     assert plain[0]["model.embed_tokens.weight"].abs().sum() > 0
 
 
-def test_a_one_process_job_does_not_build_the_shared_memory_op(embedded, tmp_path):
+def test_a_one_process_job_does_not_build_the_shared_memory_op(one_process):
     """DeepSpeed builds (minutes the first time) and loads its shared-memory all-reduce op on
     every CPU start; one process has no peer to share memory with, so it is skipped."""
-    lines: list[str] = []
-    job = make_job(embedded, tmp_path, max_steps=1)
-    run_training(job, tmp_path, log=lines.append, on_metrics=lambda rows: None)
+    _, _, lines = one_process
     assert any("1 process(es)" in line for line in lines)  # the trainer's log did arrive
     assert not [line for line in lines if "shm_comm" in line or "ShareMemComm" in line]
 
