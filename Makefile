@@ -11,9 +11,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# pip installs torch (it finds the machine's CPU build, which uv would not: uv would fetch a
-	# CUDA one) and uv; uv then installs the other ~200 pinned packages in seconds, not minutes.
+	# CUDA one) and uv; uv then installs the other ~200 pinned packages in seconds, not minutes,
+	# compiled to bytecode as pip does (without it, where PYTHONDONTWRITEBYTECODE is set, every
+	# process would compile transformers, torch and the rest from source again).
 	$(BIN)/python -m pip install -q -c constraints.txt torch uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	# DeepSpeed's shared-memory op for multi-process CPU jobs, built once here, not in a run.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1 || echo "note: no C++ toolchain; DeepSpeed builds its shared-memory op on the first multi-process CPU run"
 	touch $@

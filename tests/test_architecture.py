@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -186,6 +188,9 @@ for line in sys.stdin:
     print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), file=replies, flush=True)
 """
 
+# Seconds one stage may take in the test below before it counts as hung.
+STAGE_TIMEOUT = 600
+
 # Just enough of every stage to run each line of it once.
 TINY = [
     "sft.max_steps=2",
@@ -217,13 +222,18 @@ def test_each_stage_runs_only_modules_its_code_version_covers(tmp_path, cli_env)
     own.mkdir(parents=True)
     env = cli_env | {"PYTHONPATH": str(site), "DPOFLOW_IMPORTS_LOG": str(own)}
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
-    with subprocess.Popen(
-        [sys.executable, str(tmp_path / "driver.py")], env=env, **pipes
-    ) as driver:
+    driver = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py")], env=env, start_new_session=True, **pipes
+    )
+    try:
         for stage in STAGES:
             run_stage_checking_its_imports(stage, driver, tmp_path, cfg, work, manifests)
         driver.stdin.close()
         assert driver.wait(timeout=60) == 0
+    finally:  # a failed or hung stage: the driver and its child go with it
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
     (record,) = own.iterdir()
     assert json.loads(record.read_text()) == []  # so each child began with no dpoflow module
 
@@ -238,6 +248,8 @@ def run_stage_checking_its_imports(stage, driver, tmp_path, cfg, work, manifests
     out, console = tmp_path / f"{stage.name}.json", tmp_path / f"{stage.name}.log"
     driver.stdin.write(f"{call_file} {out} {log} {console}\n")
     driver.stdin.flush()
+    answered, _, _ = select.select([driver.stdout], [], [], STAGE_TIMEOUT)
+    assert answered, f"{stage.name} did not end within {STAGE_TIMEOUT} s"
     exit_code = driver.stdout.readline().strip()
     assert exit_code == "0", f"{stage.name}: exit {exit_code!r}\n" + console.read_text()[-3000:]
     manifests[stage.name] = json.loads(out.read_text())
