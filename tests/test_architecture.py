@@ -153,9 +153,10 @@ atexit.register(_record)
 # Runs each stage's task body as an ordinary function, in a process of its own: a child forked
 # from this driver, which has imported the libraries the stages use and no dpoflow module. A
 # child so pays for none of those imports (seconds of CPU each), and its sys.modules still holds
-# exactly the dpoflow modules its stage imported. It ends as dpoflow's processes do, without
-# tearing its objects down one by one. One line on stdin per stage: CALL.json OUT.json
-# IMPORTS_LOG CONSOLE.log; one line back: the child's exit code.
+# exactly the dpoflow modules its stage imported. It runs its exit handlers (the recorder among
+# them) and then leaves with os._exit, skipping the interpreter's seconds-long teardown of all
+# that the driver loaded. One line on stdin per stage: CALL.json OUT.json IMPORTS_LOG
+# CONSOLE.log; one line back: the child's exit code.
 DRIVER = """
 import atexit, importlib, json, os, sys
 
