@@ -10,12 +10,15 @@ serving stack is installed. The price is a small copy of `dpoflow.models.generat
 sampling (prompt encoding, left padding, stop at eos, temperature 0 = greedy, one fixed
 seed per batch); tests/test_serving.py checks that both give the same answers.
 
-A request is a DataFrame whose rows each hold either a `prompt` (plain text, continued as
-is) or `messages` (an OpenAI chat-completions message list: `role`/`content` dicts, rendered
-with the tokenizer's chat template, or as the pipeline renders chats without one), with
-optional `max_new_tokens` and `temperature` columns whose first row applies to the whole
-request. The answer is a DataFrame: `text`, `prompt_tokens`, `completion_tokens` (the eos
-included when it was generated) and `finish_reason` (`stop` at eos, else `length`).
+A request is a DataFrame whose rows each hold either a `prompt` (plain text) or `messages`
+(an OpenAI chat-completions message list: `role`/`content` dicts), rendered as the pipeline
+rendered the model's training prompts: with the tokenizer's chat template when the model was
+trained with one (`data.chat_template`, stored in the model's config as `chat_template`; a
+plain prompt is then one user turn), else a plain prompt continued as is and a chat as
+`role: content` lines. Optional `max_new_tokens` and `temperature` columns: their first row
+applies to the whole request. The answer is a DataFrame: `text`, `prompt_tokens`,
+`completion_tokens` (the eos included when it was generated) and `finish_reason` (`stop` at
+eos, else `length`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         folder = context.artifacts["model_dir"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # data.chat_template of the run that trained the model (auto, always or never); a model
+        # logged before it was recorded was trained with the default, auto.
+        mode = (context.model_config or {}).get("chat_template", "auto")
+        self.templated = mode != "never" and bool(getattr(self.tokenizer, "chat_template", None))
         self.model = _load_model(folder, context.artifacts.get("base_model_dir")).eval()
         if self.tokenizer.pad_token_id is None:
             # Padding positions are masked out, so any token will do; eos always exists.
@@ -86,9 +93,10 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 "each request row needs exactly one of 'prompt' (text) and 'messages' (a chat "
                 "list), got " + ("both" if has_prompt else "neither") + ": send one of them."
             )
-        if has_prompt:
+        if has_prompt and not self.templated:
             return _encode(self.tokenizer, str(prompt))
-        return _encode(self.tokenizer, _render_chat(self.tokenizer, _checked(messages)))
+        chat = [{"role": "user", "content": str(prompt)}] if has_prompt else _checked(messages)
+        return _encode(self.tokenizer, _render_chat(self.tokenizer, chat, self.templated))
 
     def _generate(
         self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int
@@ -163,12 +171,12 @@ def _checked(messages) -> list[dict]:
     return messages
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> str:
-    """The chat as the prompt the model answers: its chat template with the assistant's turn
-    opened, or, for a tokenizer without one, the plain `role: content` lines the pipeline
-    trains chats with (`dpoflow.data_checks.loading`); tests/test_serving.py checks both match.
-    """
-    if getattr(tokenizer, "chat_template", None):
+def _render_chat(tokenizer, messages: list[dict], templated: bool) -> str:
+    """The chat as the prompt the model answers: the tokenizer's chat template with the
+    assistant's turn opened (`templated`), or the plain `role: content` lines the pipeline
+    trains chats with otherwise (`dpoflow.data_checks.loading`); tests/test_serving.py checks
+    both match."""
+    if templated:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 

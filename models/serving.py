@@ -85,12 +85,18 @@ def pinned_requirements() -> list[str]:
 
 
 def log_generator(
-    model_dir: str, *, name: str = "policy", base_model_dir: str | None = None
+    model_dir: str,
+    *,
+    chat_template: str,
+    name: str = "policy",
+    base_model_dir: str | None = None,
 ) -> ModelInfo:
     """Log the model folder as a text-generating pyfunc model in the ACTIVE MLflow run.
 
     With `base_model_dir`, `model_dir` is an unmerged LoRA adapter (`registry.merge_adapters:
     false`): the base is logged beside it and `served_model.py` applies the adapter on load.
+    `chat_template` is the `data.chat_template` the model was trained with: stored in the
+    model's config (MLmodel, plain YAML), so requests are rendered as its training prompts were.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_generator must be called inside an active MLflow run")
@@ -106,6 +112,7 @@ def log_generator(
         signature=generator_signature(),
         input_example=generator_input_example(),
         pip_requirements=requirements,
+        model_config={"chat_template": chat_template},
     )
 
 

@@ -77,14 +77,17 @@ def register(key: str, workdir: str, section: dict, upstream: dict) -> dict:
                 evaluation["evaluation_run_id"],
             )
         else:
+            # Served requests are rendered as the training prompts were.
+            rendering = {"chat_template": upstream["validate"]["config"]["data"]["chat_template"]}
             with mlflow.start_run(run_id=dpo["mlflow_run_id"]):
                 if unmerged:
                     info = log_generator(
                         str(Path(dpo["path"]) / dpo["adapter"]),
                         base_model_dir=str(Path(sft["path"]) / sft["model"]),
+                        **rendering,
                     )
                 else:
-                    info = log_generator(str(Path(dpo["path"]) / dpo["model"]))
+                    info = log_generator(str(Path(dpo["path"]) / dpo["model"]), **rendering)
             tags = {
                 "dpoflow.key": key,
                 "data_sha256": upstream["validate"]["data_sha256"],

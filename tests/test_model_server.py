@@ -69,7 +69,7 @@ def test_served_champion_answers_invocations(tmp_path, monkeypatch, ephemeral_en
     try:
         experiment = mlflow.create_experiment("serve", artifact_location=(tmp_path / "a").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = log_generator(str(model_dir))
+            info = log_generator(str(model_dir), chat_template="auto")
         version = mlflow.register_model(info.model_uri, "served").version
         mlflow.MlflowClient().set_registered_model_alias("served", "champion", version)
     finally:

@@ -56,6 +56,7 @@ def test_first_run_completes_every_stage(first_run, shared_stages):
 
 
 def test_mlflow_holds_metrics_params_and_registered_version(first_run):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     workdir, summary = first_run
@@ -81,6 +82,13 @@ def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     assert version.tags["beta"] == "0.1"
     assert version.tags["data_sha256"]
     assert abs(float(version.tags["win_rate"]) - summary["win_rate"]) < 1e-3
+    # The served model renders requests as training rendered prompts (data.chat_template).
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        logged = mlflow.models.get_model_info(f"models:/{reg['name']}/{reg['version']}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert logged.flavors["python_function"]["config"] == {"chat_template": "auto"}
 
 
 def test_mlflow_shows_what_a_user_looks_for(first_run):

@@ -75,7 +75,7 @@ def registry_uri(tmp_path, monkeypatch):
 
     def register(win_rate_ci: str) -> str:
         with mlflow.start_run(experiment_id=experiment):
-            info = log_generator(str(model_dir))
+            info = log_generator(str(model_dir), chat_template="auto")
         tags = {"win_rate_ci": win_rate_ci, "win_rate": "0.7"}
         version = mlflow.register_model(info.model_uri, MODEL, tags=tags).version
         mlflow.MlflowClient().set_registered_model_alias(MODEL, "candidate", version)

@@ -57,7 +57,7 @@ def served(tmp_path_factory) -> Iterator[SimpleNamespace]:
             experiment = mlflow.create_experiment("serve", artifact_location=(tmp / "a").as_uri())
             for folder in (dirs["1"], dirs["2"], broken):
                 with mlflow.start_run(experiment_id=experiment):
-                    info = log_generator(str(folder))
+                    info = log_generator(str(folder), chat_template="auto")
                 mlflow.register_model(info.model_uri, NAME)
             mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", "1")
         finally:

@@ -20,7 +20,7 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
-from dpoflow.data_checks.loading import _chat_renderer
+from dpoflow.data_checks.loading import _chat_renderer, load_prompts
 from dpoflow.errors import ModelError
 from dpoflow.models import served_model
 from dpoflow.models.generation import generate, load_causal_lm
@@ -47,7 +47,7 @@ def registered(tmp_path_factory) -> Iterator[SimpleNamespace]:
                 "serving-test", artifact_location=(tmp / "artifacts").as_uri()
             )
             with mlflow.start_run(experiment_id=experiment):
-                info = log_generator(str(model_dir), name="policy")
+                info = log_generator(str(model_dir), name="policy", chat_template="auto")
             version = mlflow.register_model(info.model_uri, NAME).version
             stored = next((tmp / "artifacts").rglob("MLmodel")).parent
             yield SimpleNamespace(
@@ -202,20 +202,63 @@ def test_chat_messages_are_answered_as_their_rendered_prompt_with_token_counts(l
     assert row["finish_reason"] == ("length" if row["completion_tokens"] == 6 else "stop")
 
 
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def test_a_chat_template_renders_messages_as_the_pipeline_renders_them():
-    template = (
-        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
     tokenizer = make_tokenizer()
-    for chat_template in (template, None):
-        tokenizer.chat_template = chat_template
-        expected, _ = _chat_renderer(tokenizer)(CHAT)
-        assert served_model._render_chat(tokenizer, CHAT) == expected
+    tokenizer.chat_template = TEMPLATE
+    for templated in (True, False):
+        expected, _ = _chat_renderer(tokenizer if templated else None)(CHAT)
+        assert served_model._render_chat(tokenizer, CHAT, templated) == expected
     # The template wrote bos; encoding does not add a second one.
-    tokenizer.chat_template = template
-    ids = served_model._encode(tokenizer, served_model._render_chat(tokenizer, CHAT))
+    ids = served_model._encode(tokenizer, served_model._render_chat(tokenizer, CHAT, True))
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_requests_are_rendered_as_the_model_was_trained(tmp_path, monkeypatch):
+    """A tokenizer with a chat template: trained with data.chat_template auto, the model saw
+    (and evaluation sampled) each plain prompt as one user turn, so it is served that way; a
+    model trained with `never` continues a plain prompt as is and reads a chat as plain lines.
+    The mode travels in the logged model's config."""
+    model_dir = save_tiny_model(tmp_path / "policy")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ANSWERED))
+    monkeypatch.chdir(tmp_path)  # anything MLflow writes by default stays in tmp_path
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        experiment = mlflow.create_experiment("rendering", artifact_location=tmp_path.as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            served = {
+                mode: mlflow.pyfunc.load_model(
+                    log_generator(str(model_dir), name=mode, chat_template=mode).model_uri
+                )
+                for mode in ("auto", "never")
+            }
+    finally:
+        mlflow.set_tracking_uri(None)
+    model, loaded_tokenizer = load_causal_lm(str(model_dir))
+    templated = load_prompts(str(prompts_file), tokenizer=loaded_tokenizer, chat_template="auto")
+    settings = {"max_new_tokens": 8, "temperature": 0.0}
+    for mode, rendered in (("auto", templated["prompt"].tolist()), ("never", ANSWERED)):
+        answers = served[mode].predict(pd.DataFrame({"prompt": ANSWERED}).assign(**settings))
+        expected = generate(model, loaded_tokenizer, rendered, **settings)
+        assert answers["text"].tolist() == expected, mode
+        ids = [served_model._encode(loaded_tokenizer, prompt) for prompt in rendered]
+        assert answers["prompt_tokens"].tolist() == [len(i) for i in ids], mode
+    assert templated["prompt"][0] == f"<s><|user|>{ANSWERED[0]}<|assistant|>"
+
+    for mode, chat in (("auto", _chat_renderer(loaded_tokenizer)), ("never", _chat_renderer(None))):
+        answer = served[mode].predict(pd.DataFrame({"messages": [CHAT]}).assign(**settings))
+        prompt = chat(CHAT)[0]
+        assert answer["text"].tolist() == generate(model, loaded_tokenizer, [prompt], **settings)
+        assert answer["prompt_tokens"][0] == len(served_model._encode(loaded_tokenizer, prompt))
 
 
 @pytest.mark.parametrize(
