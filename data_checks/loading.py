@@ -108,15 +108,22 @@ def example_id(prompt: Any, chosen: Any = "", rejected: Any = "") -> str:
 
 def read_table(source: str, *, split: str = "train", revision: str | None = None) -> pd.DataFrame:
     """Read any supported source into a raw DataFrame (source column names, raw values)."""
+    require_source(source)
     path = Path(source)
     if path.is_dir():
         return _read_saved_dataset(path, split)
     if path.is_file():
         return _read_file(path)
-    if _HUB_NAME.match(source) and not source.startswith((".", "/")):
-        return _read_hub(source, split, revision)
+    return _read_hub(source, split, revision)
+
+
+def require_source(source: str, named_by: str = "data.train in your config") -> None:
+    """Refuse a source that is neither an existing file or folder nor a hub dataset name;
+    `named_by` says where the user wrote it."""
+    if Path(source).exists() or (_HUB_NAME.match(source) and not source.startswith((".", "/"))):
+        return
     raise DataError(
-        f"data file '{source}' does not exist: check data.train in your config "
+        f"data file '{source}' does not exist: check {named_by} "
         "or pass an existing path (or a hub dataset name like 'owner/name')."
     )
 

@@ -180,6 +180,10 @@ def validate(
     try:
         cfg = load_config(config, set_ or [])
         check_model_source(cfg.model.base)
+        from dpoflow.data_checks.loading import require_source
+
+        # Before anything is built (the embedded default's model and prompts, say).
+        require_source(data, named_by="the DATA argument")
         from dpoflow.data_checks.suite import render_failures_table
         from dpoflow.tasks.sources import resolve_sources
         from dpoflow.tasks.validate import check_data

@@ -61,7 +61,9 @@ def test_validate_gives_the_validate_stages_verdict(cli_env, tmp_path):
 def test_missing_data_file_is_one_sentence(cli_env, tmp_path):
     proc = run_cli(["validate", str(tmp_path / "nope.jsonl"), "--workdir", str(tmp_path)], cli_env)
     assert proc.returncode == 1
-    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert "does not exist: check the DATA argument" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # refused before the embedded default was made
 
 
 def test_an_unknown_until_stage_is_refused_before_anything_runs(cli_env, tmp_path):
