@@ -27,7 +27,12 @@ from contextlib import contextmanager
 
 @contextmanager
 def imports_without_collection() -> Iterator[None]:
-    """Around a process's heavy imports: the collector paused, what they made frozen after."""
+    """Around a process's heavy imports: the collector paused, what they made frozen after.
+
+    Also around the imports a stage makes in the flow's process the first time it needs them
+    (torch and transformers, for evaluation and the promotion gate): what else is alive then
+    is frozen too, which only means the collector skips it; it is still freed when its last
+    reference goes."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

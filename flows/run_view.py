@@ -225,7 +225,7 @@ def publish_run_view(
         create_table_artifact,
     )
 
-    from dpoflow.models.evaluation import markdown_report
+    from dpoflow.models.evaluation_report import markdown_report
 
     title = describe(cfg)
     links: dict[str, tuple[str, str]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpoflow.process_gc import imports_without_collection
 from dpoflow.tasks.common import Stage, build_once, dump, stage_logger, stage_task
 from dpoflow.tasks.lineage import evaluation_headline, set_description
 from dpoflow.tasks.stage import write_json_atomic
@@ -97,8 +98,13 @@ def evaluation_run(uri: str, dpo_run_id: str, eval_section: dict, partial: Path)
 
 @stage_task("evaluate")
 def evaluate(key: str, workdir: str, section: dict, upstream: dict) -> dict:
-    from dpoflow.models.evaluation import JudgedLog, evaluate_policy, markdown_report
-    from dpoflow.models.judges import make_judge
+    # Imported here, so a run that stops before this stage or finds it cached never loads
+    # torch and transformers in its own process; the collector paused, as for the flow's
+    # imports (dpoflow.process_gc).
+    with imports_without_collection():
+        from dpoflow.models.evaluation import JudgedLog, evaluate_policy
+        from dpoflow.models.evaluation_report import markdown_report
+        from dpoflow.models.judges import make_judge
 
     logger = stage_logger()
     ev = section["eval"]

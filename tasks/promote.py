@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpoflow.errors import ModelError
-from dpoflow.models.evaluation import WinRate, judge_answers, win_rate_from_verdicts
+from dpoflow.process_gc import imports_without_collection
 from dpoflow.tasks.common import Stage, build_once, dump, stage_logger, stage_task
 from dpoflow.tasks.evaluate import read_prompt_rows
 from dpoflow.tasks.lineage import describe_version, interval
@@ -40,6 +40,9 @@ from dpoflow.tasks.tracking import (
     server_errors,
     tracking_uri,
 )
+
+if TYPE_CHECKING:  # the sampling code (torch, transformers) is imported where it runs
+    from dpoflow.models.evaluation import WinRate
 
 # ---------------------------------------------------------------- the rule
 
@@ -173,8 +176,9 @@ def load_generator(name: str, version: str) -> tuple[Any, Any]:
     """
     import tempfile
 
-    from dpoflow.models.generation import load_causal_lm
-    from dpoflow.models.serving import download_model_dir
+    with imports_without_collection():  # torch and transformers, the first time: process_gc
+        from dpoflow.models.generation import load_causal_lm
+        from dpoflow.models.serving import download_model_dir
 
     # The weights are in memory once loaded, so the download need not outlive this call.
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +191,10 @@ def head_to_head(
     """Win rate of version `candidate` over version `champion`: both sampled on `prompts`
     with the evaluation settings (independent seeds, as in the evaluation stage) and
     judged by the evaluation's judge."""
-    from dpoflow.models.generation import generate
-    from dpoflow.models.judges import make_judge
+    with imports_without_collection():  # torch and transformers, the first time: process_gc
+        from dpoflow.models.evaluation import judge_answers, win_rate_from_verdicts
+        from dpoflow.models.generation import generate
+        from dpoflow.models.judges import make_judge
 
     sampling = {
         key: eval_section[key]

@@ -17,6 +17,7 @@ from filelock import FileLock
 
 from dpoflow.config import PipelineConfig
 from dpoflow.errors import ConfigError, ModelError
+from dpoflow.process_gc import imports_without_collection
 from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.stage import content_hash
 
@@ -43,14 +44,16 @@ def ensure_embedded_data(workdir: str | Path) -> Path:
 
 def ensure_embedded_model(workdir: str | Path) -> Path:
     """The embedded tiny Llama, its tokenizer trained on the embedded corpus."""
-    from dpoflow.models.tiny_llama import build_tiny_llama
-
     data = ensure_embedded_data(workdir)
     # Rebuilt when its code or the corpus its tokenizer learns from changes.
     version = code_version("dpoflow.models.tiny_llama")[:8] + data.name.removeprefix("imdb-")[:8]
     out = embedded_dir(workdir) / f"tiny-llama-{version}"
     with FileLock(str(out) + ".lock"):
         if not (out / "config.json").is_file():
+            # Only to build it: a run that finds it made never imports torch for it.
+            with imports_without_collection():
+                from dpoflow.models.tiny_llama import build_tiny_llama
+
             texts = []
             with open(data / "train.jsonl", encoding="utf-8") as f:
                 for line in f:

@@ -177,3 +177,22 @@ def test_tiny_llama_replaces_existing_folder(model_texts, tmp_path):
     build_tiny_llama(out, model_texts[:50], seed=0, hidden_size=32, num_layers=1, num_heads=2)
     assert not (out / "stale.txt").exists()
     assert (out / "config.json").exists()
+
+
+def test_the_flow_process_imports_torch_only_for_a_stage_that_samples(tmp_path):
+    """`dpoflow run`'s own process imports the pipeline, finds the embedded default made and
+    formats the evaluation's report: none of that needs torch or transformers (seconds of CPU
+    to import), so a run that stops before evaluation, or finds it cached, never loads them."""
+    from dpoflow.tasks.sources import ensure_embedded_model
+    from tests.conftest import python_lines
+
+    ensure_embedded_model(tmp_path)  # made here, in the test's process
+    lines = python_lines(
+        "import sys\n"
+        "import dpoflow.flows.pipeline\n"
+        "from dpoflow.models.evaluation_report import markdown_report\n"
+        "from dpoflow.tasks.sources import ensure_embedded_model\n"
+        f"ensure_embedded_model({str(tmp_path)!r})\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    assert lines == ["[]"]

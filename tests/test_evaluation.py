@@ -17,9 +17,9 @@ from dpoflow.models.evaluation import (
     estimate_kl,
     evaluate_policy,
     kl_terms,
-    markdown_report,
     win_rate,
 )
+from dpoflow.models.evaluation_report import markdown_report
 from dpoflow.models.generation import generate, load_causal_lm, sample
 
 SENTENCES = [

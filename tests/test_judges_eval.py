@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from dpoflow.config import load_config
 from dpoflow.errors import ConfigError, ModelError
 from dpoflow.flows.run_view import samples_table
-from dpoflow.models.evaluation import evaluate_policy, markdown_report
+from dpoflow.models.evaluation import evaluate_policy
+from dpoflow.models.evaluation_report import markdown_report
 from dpoflow.models.judge_protocol import Judge
 from dpoflow.models.judges import RewardModelJudge, make_judge
 from dpoflow.tasks.evaluate import eval_metrics
