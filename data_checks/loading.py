@@ -120,7 +120,10 @@ def read_table(source: str, *, split: str = "train", revision: str | None = None
 def require_source(source: str, named_by: str = "data.train in your config") -> None:
     """Refuse a source that is neither an existing file or folder nor a hub dataset name;
     `named_by` says where the user wrote it."""
-    if Path(source).exists() or (_HUB_NAME.match(source) and not source.startswith((".", "/"))):
+    path = Path(source)
+    if path.is_file() or path.is_dir():
+        return
+    if _HUB_NAME.match(source) and not source.startswith((".", "/")):
         return
     raise DataError(
         f"data file '{source}' does not exist: check {named_by} "

@@ -15,6 +15,7 @@ from dpoflow.errors import ConfigError
 from dpoflow.models.judge_protocol import Judge
 from dpoflow.models.judges import VaderJudge, make_judge
 from dpoflow.models.tiny_llama import build_tiny_llama
+from tests.conftest import python_lines
 
 N_PAIRS = 300
 N_EVAL = 64
@@ -184,7 +185,6 @@ def test_the_flow_process_imports_torch_only_for_a_stage_that_samples(tmp_path):
     formats the evaluation's report: none of that needs torch or transformers (seconds of CPU
     to import), so a run that stops before evaluation, or finds it cached, never loads them."""
     from dpoflow.tasks.sources import ensure_embedded_model
-    from tests.conftest import python_lines
 
     ensure_embedded_model(tmp_path)  # made here, in the test's process
     lines = python_lines(
