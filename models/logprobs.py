@@ -196,6 +196,11 @@ def answer_states(
     ``select`` maps a per-position tensor [N, T, X] to the M positions that predict answer
     tokens [M, X].
     """
+    # peft's wrapper: its `.model` is the whole causal LM, so split the model it wraps instead.
+    # The adapters sit inside that model's layers, so its body still runs (and trains) them.
+    unwrap = getattr(model, "get_base_model", None)
+    if callable(unwrap):
+        model = unwrap()
     body = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)

@@ -246,6 +246,37 @@ def test_gradients_match_plain_autograd_in_float64(model, tokenizer, path):
     assert ours.lm_head.weight.grad.abs().sum() > 0
 
 
+def test_a_lora_model_runs_its_head_at_the_answer_positions_only(model, tokenizer):
+    """peft's wrapper hides the body/head split (its `.model` is the whole causal LM); the
+    adapted model must still score through its body and run the head on the answer positions
+    only, with the plain float64 log-probs and gradients reaching the adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    # init_lora_weights=False: B starts random, so the adapters change the log-probs.
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    adapted = get_peft_model(copy.deepcopy(model).double(), config)
+    batch = collate(_examples(tokenizer), PAD)
+    head_rows = []
+    adapted.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[:-1].numel())  # positions
+    )
+    out = sequence_logps(adapted, batch)
+    assert head_rows == [int(out["n_tokens"].sum())]  # not every position of the batch
+
+    with torch.no_grad():  # the plain computation, from the adapted model's full logits
+        logits = adapted(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])
+    expected = (token_logps[..., 0] * batch["loss_mask"][:, 1:]).sum(dim=1)  # [N]
+    torch.testing.assert_close(out["logps"], expected, rtol=0, atol=1e-10)
+
+    out["logps"].sum().backward()
+    adapter_grads = [p.grad for n, p in adapted.named_parameters() if "lora_" in n]
+    assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
+
+
 def test_reference_logps_are_stored_in_file_order_and_match_float64(model, tokenizer, tmp_path):
     """The reference stage batches pairs by length; what it stores is each pair's own
     log-probs, in the file's order, equal to a plain float64 computation."""
