@@ -194,10 +194,11 @@ def answer_states(
     or (``select``ed logits [M, V], identity) when the model cannot be split into body and head.
 
     ``select`` maps a per-position tensor [N, T, X] to the M positions that predict answer
-    tokens [M, X].
+    tokens [M, X]. A peft-wrapped (LoRA) model is split like the model it wraps.
     """
     # peft's wrapper: its `.model` is the whole causal LM, so split the model it wraps instead.
-    # The adapters sit inside that model's layers, so its body still runs (and trains) them.
+    # LoRA adapters (dpoflow's only kind) sit inside that model's layers, so its body still
+    # runs and trains them; a prompt-learning adapter, which the wrapper adds, would be lost.
     unwrap = getattr(model, "get_base_model", None)
     if callable(unwrap):
         model = unwrap()

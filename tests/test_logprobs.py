@@ -249,32 +249,37 @@ def test_gradients_match_plain_autograd_in_float64(model, tokenizer, path):
 def test_a_lora_model_runs_its_head_at_the_answer_positions_only(model, tokenizer):
     """peft's wrapper hides the body/head split (its `.model` is the whole causal LM); the
     adapted model must still score through its body and run the head on the answer positions
-    only, with the plain float64 log-probs and gradients reaching the adapters."""
+    only, with the log-probs and the adapters' gradients of a plain float64 computation."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
     # init_lora_weights=False: B starts random, so the adapters change the log-probs.
     config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     adapted = get_peft_model(copy.deepcopy(model).double(), config)
+    plain = copy.deepcopy(adapted)
     batch = collate(_examples(tokenizer), PAD)
     head_rows = []
     adapted.get_output_embeddings().register_forward_hook(
         lambda module, args, out: head_rows.append(args[0].shape[:-1].numel())  # positions
     )
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # any upstream gradient
     out = sequence_logps(adapted, batch)
     assert head_rows == [int(out["n_tokens"].sum())]  # not every position of the batch
+    (out["logps"] * weights).sum().backward()
 
-    with torch.no_grad():  # the plain computation, from the adapted model's full logits
-        logits = adapted(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+    # The plain computation: the adapted model's full logits, log_softmax, gather, autograd.
+    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])
     expected = (token_logps[..., 0] * batch["loss_mask"][:, 1:]).sum(dim=1)  # [N]
-    torch.testing.assert_close(out["logps"], expected, rtol=0, atol=1e-10)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out["logps"], expected.detach(), rtol=0, atol=1e-10)
 
-    out["logps"].sum().backward()
-    adapter_grads = [p.grad for n, p in adapted.named_parameters() if "lora_" in n]
-    assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
+    adapters = [(n, p) for n, p in adapted.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in n for n, _ in adapters)
+    theirs_all = [p for p in plain.parameters() if p.requires_grad]
+    for (name, ours), theirs in zip(adapters, theirs_all, strict=True):
+        assert ours.grad.abs().sum() > 0, name
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_reference_logps_are_stored_in_file_order_and_match_float64(model, tokenizer, tmp_path):
