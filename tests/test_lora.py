@@ -133,7 +133,7 @@ def test_4bit_is_refused_without_cuda_before_anything_runs():
 ADAPTERS = {"lora": LORA, "load_in_4bit": False}
 
 
-def lora_job(embedded_fixture, out: Path, **distributed) -> dict:  # noqa: F811
+def lora_job(embedded_fixture, out: Path, **distributed) -> dict:
     return make_job(embedded_fixture, out, learning_rate=1e-2, **distributed) | {
         "adapters": ADAPTERS
     }
