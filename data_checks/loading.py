@@ -15,20 +15,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from dpoflow.data_checks.sources import require_source
 from dpoflow.errors import ConfigError, DataError
 
 INTERNAL_COLUMNS = ("id", "prompt", "chosen", "rejected")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 HH_MARKER = "\n\nAssistant:"
 FILE_FORMATS = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --------------------------------------------------------------------------- public API
@@ -115,20 +114,6 @@ def read_table(source: str, *, split: str = "train", revision: str | None = None
     if path.is_file():
         return _read_file(path)
     return _read_hub(source, split, revision)
-
-
-def require_source(source: str, named_by: str = "data.train in your config") -> None:
-    """Refuse a source that is neither an existing file or folder nor a hub dataset name;
-    `named_by` says where the user wrote it."""
-    path = Path(source)
-    if path.is_file() or path.is_dir():
-        return
-    if _HUB_NAME.match(source) and not source.startswith((".", "/")):
-        return
-    raise DataError(
-        f"data file '{source}' does not exist: check {named_by} "
-        "or pass an existing path (or a hub dataset name like 'owner/name')."
-    )
 
 
 def _require_rows(raw: pd.DataFrame, source: str) -> pd.DataFrame:

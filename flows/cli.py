@@ -24,11 +24,12 @@ from rich.table import Table
 from rich.text import Text
 
 from dpoflow.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from dpoflow.data_checks.sources import require_source
 from dpoflow.errors import UserError
 from dpoflow.flows.prefect_api import prefect_api
 from dpoflow.flows.run_view import stage_status
 from dpoflow.process_gc import freeze_objects_at_exit, imports_without_collection
-from dpoflow.tasks.sources import check_model_source
+from dpoflow.tasks.sources import check_data_sources, check_model_source
 
 app = typer.Typer(
     help="Align a language model to preferences with DPO: validate, SFT, DPO, evaluate, register.",
@@ -131,6 +132,7 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -
     # Mistakes a user can fix are refused before Prefect starts (a missing model before the
     # stages, and torch with them, are even imported).
     check_model_source(cfg.model.base)
+    check_data_sources(cfg)
     with imports_without_collection():  # the stages, torch and transformers: see process_gc
         from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
 
@@ -180,10 +182,9 @@ def validate(
     try:
         cfg = load_config(config, set_ or [])
         check_model_source(cfg.model.base)
-        from dpoflow.data_checks.loading import require_source
-
         # Before anything is built (the embedded default's model and prompts, say).
         require_source(data, named_by="the DATA argument")
+        check_data_sources(cfg, names=("eval_prompts",))  # DATA stands for data.train
         from dpoflow.data_checks.suite import render_failures_table
         from dpoflow.tasks.sources import resolve_sources
         from dpoflow.tasks.validate import check_data
@@ -398,6 +399,7 @@ def sweep(
         loss_list = parse_list(loss_types, "--loss-types") if loss_types else None
         child_configs(cfg, beta_list, loss_list or [cfg.dpo.loss_type])  # refuse before running
         check_model_source(cfg.model.base)
+        check_data_sources(cfg)
         quiet_libraries()
         from dpoflow.flows.sweep import beta_sweep
 

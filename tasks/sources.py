@@ -16,6 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from dpoflow.config import PipelineConfig
+from dpoflow.data_checks.sources import require_source
 from dpoflow.errors import ConfigError, ModelError
 from dpoflow.process_gc import imports_without_collection
 from dpoflow.tasks.code_version import code_version
@@ -80,6 +81,18 @@ def resolve_model(source: str, workdir: str | Path) -> str:
         return str(ensure_embedded_model(workdir))
     path = check_model_source(source)
     return str(path.resolve()) if path else source
+
+
+def check_data_sources(
+    cfg: PipelineConfig, names: tuple[str, ...] = ("train", "eval_prompts")
+) -> None:
+    """Refuse a data source (data.train, data.eval_prompts) that does not exist before anything
+    runs, as check_model_source does for the model (the embedded data is made, and an unknown
+    embedded name refused, by resolve_data)."""
+    for name in names:
+        source = getattr(cfg.data, name)
+        if not source.startswith("embedded:"):
+            require_source(source, named_by=f"data.{name} in your config")
 
 
 def check_model_source(source: str) -> Path | None:

@@ -66,6 +66,17 @@ def test_missing_data_file_is_one_sentence(cli_env, tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before the embedded default was made
 
 
+@pytest.mark.parametrize("key", ["data.train", "data.eval_prompts"])
+def test_a_missing_data_file_in_the_config_is_refused_before_anything_runs(cli_env, tmp_path, key):
+    missing = tmp_path / "nope.jsonl"
+    work = tmp_path / "work"
+    proc = run_cli(["run", "--workdir", str(work), "--set", f"{key}={missing}"], cli_env)
+    assert proc.returncode == 1
+    assert f"does not exist: check {key} in your config" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not work.exists()  # no Prefect server, no embedded model: nothing was started
+
+
 def test_an_unknown_until_stage_is_refused_before_anything_runs(cli_env, tmp_path):
     proc = run_cli(["run", "--workdir", str(tmp_path), "--until", "trian"], cli_env)
     assert proc.returncode == 1
