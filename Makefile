@@ -24,8 +24,8 @@ demo: setup              ## the whole pipeline on the embedded default
 	$(BIN)/dpoflow run --summary-json .dpoflow/summary.json
 
 # What CI runs too: the parity tests fail (not skip) without TRL, the ten slowest are listed;
-# one pytest-xdist worker per core (most tests wait on processes of their own; a third worker on
-# 2 cores took 12:47 against two's 12:11, as the suite is CPU-bound), each handed the
+# one pytest-xdist worker per core (most tests wait on processes of their own, which keep the
+# cores busy: a third worker on 2 cores took 12:47 against two's 12:11), each handed the
 # next test as it frees up, in the order tests/conftest.py sets (`--dist loadgroup` keeps the
 # tests of one costly module fixture on one worker; `--no-loadscope-reorder` keeps the order).
 test: setup              ## lint, then the test suite
