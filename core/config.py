@@ -77,13 +77,9 @@ class ModelConfig(Section):
                 "4-bit weights cannot be trained directly: add a model.lora section "
                 "(QLoRA trains adapters on them) or set load_in_4bit to false"
             )
-        import torch  # only here: the config is read by processes that never train
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "4-bit loading (bitsandbytes NF4) needs a CUDA GPU and this machine has none: "
-                "set model.load_in_4bit to false here, or run on a GPU machine"
-            )
+        # Whether this machine has CUDA is not the config's to say: the config is read on
+        # machines that never train (serving, the registry, data validation); see
+        # models/lora.py require_cuda_for_4bit, which `run` and `sweep` ask before anything runs.
         return self
 
 

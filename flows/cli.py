@@ -29,7 +29,7 @@ from dpoflow.errors import UserError
 from dpoflow.flows.prefect_api import prefect_api
 from dpoflow.flows.run_view import stage_status
 from dpoflow.process_gc import freeze_objects_at_exit, imports_without_collection
-from dpoflow.tasks.sources import check_data_sources, check_model_source
+from dpoflow.tasks.sources import check_before_running, check_data_sources, check_model_source
 
 app = typer.Typer(
     help="Align a language model to preferences with DPO: validate, SFT, DPO, evaluate, register.",
@@ -131,8 +131,7 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, until: str | None = None) -
     quiet_libraries()
     # Mistakes a user can fix are refused before Prefect starts (a missing model before the
     # stages, and torch with them, are even imported).
-    check_model_source(cfg.model.base)
-    check_data_sources(cfg)
+    check_before_running(cfg)
     with imports_without_collection():  # the stages, torch and transformers: see process_gc
         from dpoflow.flows.pipeline import check_stage_name, dpo_pipeline
 
@@ -398,8 +397,7 @@ def sweep(
         beta_list = parse_list(betas, "--betas", float)
         loss_list = parse_list(loss_types, "--loss-types") if loss_types else None
         child_configs(cfg, beta_list, loss_list or [cfg.dpo.loss_type])  # refuse before running
-        check_model_source(cfg.model.base)
-        check_data_sources(cfg)
+        check_before_running(cfg)
         quiet_libraries()
         from dpoflow.flows.sweep import beta_sweep
 

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, tags
 from dpoflow.config import PipelineConfig, resolve_config
 from dpoflow.errors import ConfigError, hide_user_error_tracebacks
 from dpoflow.flows.run_view import pipeline_run_name, publish_run_view, run_tags, tag_flow_run
+from dpoflow.models.lora import require_cuda_for_4bit
 from dpoflow.tasks import dpo, evaluate, promote, reference, register, sft, validate
 from dpoflow.tasks.common import Stage, retry_delays
 from dpoflow.tasks.promote import registry_state
@@ -101,6 +102,7 @@ def dpo_pipeline(
     run's summary. `until` names the last stage to run (the later ones run next time)."""
     check_stage_name(until)
     cfg = resolve_config(config)
+    require_cuda_for_4bit(cfg.model.load_in_4bit)  # a deployment's run, too, before any stage
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     run = StageRunner(work, until)

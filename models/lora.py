@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpoflow.errors import ConfigError
+
 if TYPE_CHECKING:  # torch is imported where it is used: the flow process reads ADAPTER_DIR only
     import torch
 
@@ -24,10 +26,26 @@ if TYPE_CHECKING:  # torch is imported where it is used: the flow process reads 
 ADAPTER_DIR = "adapter"
 
 
+def require_cuda_for_4bit(load_in_4bit: bool) -> None:
+    """Refuse 4-bit loading on a machine without CUDA (bitsandbytes NF4 runs on CUDA only),
+    before a run starts anything. Asked where training is started, not when the config is
+    read: serving, the registry and data validation read the same config on machines that
+    never train."""
+    if not load_in_4bit:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "4-bit loading (bitsandbytes NF4) needs a CUDA GPU and this machine has none: "
+            "set model.load_in_4bit to false, or run on a GPU machine."
+        )
+
+
 def load_kwargs(load_in_4bit: bool) -> dict[str, Any]:
     """Extra `from_pretrained` arguments: NF4 weights with bf16 compute for QLoRA, on this
-    rank's GPU. The config refuses 4-bit without CUDA, so bitsandbytes is imported on CUDA only
-    (through transformers, when it quantizes)."""
+    rank's GPU. A run refuses 4-bit without CUDA before it starts (`require_cuda_for_4bit`),
+    so bitsandbytes is imported on CUDA only (through transformers, when it quantizes)."""
     if not load_in_4bit:
         return {}
     import torch

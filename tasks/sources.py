@@ -18,6 +18,7 @@ from filelock import FileLock
 from dpoflow.config import PipelineConfig
 from dpoflow.data_checks.sources import require_source
 from dpoflow.errors import ConfigError, ModelError
+from dpoflow.models.lora import require_cuda_for_4bit
 from dpoflow.process_gc import imports_without_collection
 from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.stage import content_hash
@@ -81,6 +82,15 @@ def resolve_model(source: str, workdir: str | Path) -> str:
         return str(ensure_embedded_model(workdir))
     path = check_model_source(source)
     return str(path.resolve()) if path else source
+
+
+def check_before_running(cfg: PipelineConfig) -> None:
+    """What `run` and `sweep` refuse before anything runs (Prefect, the embedded default's
+    build, torch for the stages): a model or data source that cannot work, and 4-bit loading
+    on a machine without CUDA."""
+    check_model_source(cfg.model.base)
+    check_data_sources(cfg)
+    require_cuda_for_4bit(cfg.model.load_in_4bit)
 
 
 def check_data_sources(

@@ -16,7 +16,7 @@ from dpoflow.models import lora
 from dpoflow.models.logprobs import pair_batch, sequence_logps, split_pair_logps
 from dpoflow.models.losses import preference_loss
 from dpoflow.models.trainer import dpo_examples, read_pairs
-from tests.conftest import PROJECT_ROOT, copy_stages, run_pipeline, worker_fixture
+from tests.conftest import PROJECT_ROOT, copy_stages, run_cli, run_pipeline, worker_fixture
 from tests.test_training import (  # noqa: F401  (embedded: a fixture)
     LOSS_TOLERANCE,
     embedded,
@@ -118,14 +118,31 @@ def test_the_lora_recipe_is_a_valid_config_with_adapters():
     assert cfg.model.lora.target_modules == "all-linear" and not cfg.model.load_in_4bit
 
 
-def test_4bit_is_refused_without_cuda_before_anything_runs():
+QLORA = ["--set", "model.lora.r=8", "--set", "model.load_in_4bit=true"]
+
+
+def test_4bit_is_refused_without_cuda_by_run_and_sweep_before_anything_runs(cli_env, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: 4-bit loading is allowed here")
-    with pytest.raises(ConfigError) as refused:
-        load_config(overrides=["model.lora.r=8", "model.load_in_4bit=true"])
-    message = str(refused.value)
-    assert "needs a CUDA GPU" in message and "set model.load_in_4bit to false" in message
-    assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+    for command in (["run"], ["sweep", "--betas", "0.1,0.2"]):
+        work = tmp_path / command[0]
+        proc = run_cli([*command, "--workdir", str(work), *QLORA], cli_env)
+        assert proc.returncode == 1, proc.stderr
+        assert (
+            "needs a CUDA GPU" in proc.stderr and "set model.load_in_4bit to false" in proc.stderr
+        )
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1  # one sentence
+        assert not work.exists()  # no Prefect server, no embedded model: nothing was started
+
+
+def test_a_4bit_config_is_read_on_a_machine_that_does_not_train(cli_env, tmp_path):
+    """The config that trains with QLoRA on a GPU machine is the one a CPU machine serves and
+    lists models with: only `run` and `sweep` need CUDA for it."""
+    cfg = load_config(overrides=["model.lora.r=8", "model.load_in_4bit=true"])
+    assert cfg.model.load_in_4bit and cfg.model.lora.r == 8
+    proc = run_cli(["models", "--workdir", str(tmp_path), *QLORA], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "no registered models" in proc.stdout
     with pytest.raises(ConfigError, match="add a model.lora section"):
         load_config(overrides=["model.load_in_4bit=true"])
 
