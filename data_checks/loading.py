@@ -66,7 +66,7 @@ def load_prompts(
     Prompts are rendered as the training pairs are (``tokenizer``, ``chat_template``), so
     evaluation samples from the prompts the policy was trained on.
     """
-    raw = _require_rows(read_table(source), source)
+    raw = _require_rows(read_table(source, named_by="data.eval_prompts in your config"), source)
     templated = uses_chat_template(tokenizer, chat_template)
     if column in raw.columns:
         prompts = pd.Series(raw[column].tolist(), dtype=object)
@@ -105,9 +105,16 @@ def example_id(prompt: Any, chosen: Any = "", rejected: Any = "") -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def read_table(source: str, *, split: str = "train", revision: str | None = None) -> pd.DataFrame:
-    """Read any supported source into a raw DataFrame (source column names, raw values)."""
-    require_source(source)
+def read_table(
+    source: str,
+    *,
+    split: str = "train",
+    revision: str | None = None,
+    named_by: str = "data.train in your config",
+) -> pd.DataFrame:
+    """Read any supported source into a raw DataFrame (source column names, raw values);
+    `named_by` says where the user wrote a source that does not exist."""
+    require_source(source, named_by=named_by)
     path = Path(source)
     if path.is_dir():
         return _read_saved_dataset(path, split)

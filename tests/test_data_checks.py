@@ -175,6 +175,9 @@ def test_missing_file_names_path(tmp_path):
         load_preferences(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="does not exist"):
         load_preferences("not a hub name")
+    # The evaluation prompts are named by their own key.
+    with pytest.raises(DataError, match="does not exist: check data.eval_prompts in your config"):
+        load_prompts(str(tmp_path / "nope.jsonl"))
 
 
 def test_file_not_its_format(tmp_path):
