@@ -13,6 +13,7 @@ helpers so that a list or a number is reported, never crashed on.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Callable
@@ -493,6 +494,9 @@ def _run_gx(frame: pd.DataFrame, expectations: list, report_dir: pathlib.Path | 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # On import GX sets this logger to INFO, which announces a temporary folder for a docs site
+    # it builds only when asked (ours go to report_dir): one line of noise per validation.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     batch = (

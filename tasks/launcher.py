@@ -87,6 +87,10 @@ def entry_args(module: str, job_path: Path) -> list[str]:
 def child_env(distributed: dict) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The job's output becomes lines of the task's log, never a terminal: there a progress bar
+    # (transformers draws one for loading and saving weights) is a line per redraw. The job
+    # logs its own progress, with a rate and an ETA (models/progress.py).
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not distributed.get("num_gpus"):
         env.setdefault("DS_ACCELERATOR", "cpu")
         # Share the cores between the processes instead of oversubscribing them.
@@ -153,8 +157,8 @@ def run_training(
     def pump() -> None:
         for line in proc.stdout:
             line = line.rstrip()
-            tail.append(line)
-            if line and "[WARNING]" not in line:
+            tail.append(line)  # everything, for the message if the job fails
+            if worth_logging(line):
                 log(line)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -185,6 +189,14 @@ def run_training(
             + "\n".join(tail)
         )
     return json.loads(result_path.read_text())
+
+
+def worth_logging(line: str) -> bool:
+    """Whether a line of the job's output goes to the task's log: not DeepSpeed's warnings (it
+    warns on every CPU run that it found no GPU) nor its launcher's bookkeeping (the world
+    layout, the command of each process, each clean exit: five lines a job that `launch:`
+    already says), which stay in the last lines a failure reports."""
+    return bool(line) and "[WARNING]" not in line and "[INFO] [launch.py:" not in line
 
 
 def job_refusal(path: Path) -> str | None:

@@ -55,6 +55,15 @@ def test_first_run_completes_every_stage(first_run, shared_stages):
     assert reg["promotion_reason"]
 
 
+def test_mlflow_says_nothing_at_info_on_the_console(first_run):
+    """mlflow's INFO lines (its system-metrics monitor starting and stopping around every
+    training stage, its database set-up) stay off the console the stages report on."""
+    workdir, _ = first_run
+    console = (workdir / "console.log").read_text()
+    assert "dpoflow run" in console  # the run's whole output: its summary table is there
+    assert not [line for line in console.splitlines() if " INFO mlflow." in line]
+
+
 def test_mlflow_holds_metrics_params_and_registered_version(first_run):
     import mlflow
     from mlflow.tracking import MlflowClient

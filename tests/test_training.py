@@ -115,6 +115,12 @@ def test_dpo_logs_every_metric_and_learns(one_process):
     assert result["final_metrics"]["rewards/margins"] > 0
 
 
+def test_the_log_holds_the_jobs_progress_not_launcher_bookkeeping_or_bars(one_process):
+    *_, lines = one_process
+    assert any("[dpo] training:" in line and "ETA" in line for line in lines)
+    assert not [line for line in lines if "[launch.py:" in line or "it/s]" in line]
+
+
 # Two processes see the same global batches, so the curves agree up to float
 # reassociation in the gradient all-reduce, amplified a little by Adam over 8 steps.
 LOSS_TOLERANCE = 1e-4
