@@ -65,6 +65,15 @@ ZeroStage = Annotated[
         help="Our DeepSpeed ZeRO stage (one process: 0 holds the least memory).",
     ),
 ]
+Checkpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute activations in the backward pass on both sides (our "
+        "*.gradient_checkpointing, TRL's gradient_checkpointing, non-reentrant on both); "
+        "off by default on both (TRL's own default is on).",
+    ),
+]
 Repeats = Annotated[
     int,
     typer.Option(
@@ -146,6 +155,12 @@ def _spec(
             "this machine's torch sees no GPU: run on a GPU machine, or leave --device out.",
             param_hint="'--device'",
         )
+    if extra.get("load_in_4bit") and device != "cuda":
+        raise typer.BadParameter(
+            "4-bit NF4 (bitsandbytes) trains on a CUDA GPU and this bench runs on the CPU: "
+            "run on a GPU machine, or leave --load-in-4bit out.",
+            param_hint="'--load-in-4bit'",
+        )
     return dict(
         kind=kind,
         model=str(model),
@@ -223,6 +238,7 @@ def dpo(
     zero_stage: ZeroStage = 0,
     beta: Annotated[float, typer.Option("--beta")] = 0.1,
     loss_type: Annotated[str, typer.Option("--loss-type")] = "sigmoid",
+    gradient_checkpointing: Checkpointing = False,
     lora_r: Annotated[
         int,
         typer.Option(
@@ -233,9 +249,22 @@ def dpo(
             "0 = full fine-tuning only.",
         ),
     ] = 0,
+    load_in_4bit: Annotated[
+        bool,
+        typer.Option(
+            "--load-in-4bit",
+            help="QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes) on both sides "
+            "(TRL through its quantization_config); needs --lora-r and a CUDA GPU.",
+        ),
+    ] = False,
 ) -> None:
     """Train our DPO (and TRL's DPOTrainer with --peer trl) for --steps steps and compare."""
     modes = _packing_modes(packing)
+    if load_in_4bit and not lora_r:
+        raise typer.BadParameter(
+            "a 4-bit base cannot be fine-tuned fully: give --lora-r too.",
+            param_hint="'--load-in-4bit'",
+        )
     sizes = dict(
         steps=steps,
         warmup=warmup,
@@ -269,6 +298,8 @@ def dpo(
         loss_type=loss_type,
         packing=modes[0],
         lora_r=lora_r,
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing,
     )
     if len(modes) > 1:
         _run(spec, peer, json_out, repeats, modes=modes)
@@ -314,6 +345,7 @@ def sft(
     repeats: Repeats = 1,
     device: Device = Where.auto,
     zero_stage: ZeroStage = 0,
+    gradient_checkpointing: Checkpointing = False,
 ) -> None:
     """Train our SFT (and TRL's SFTTrainer with --peer trl) for --steps steps and compare."""
     spec = _spec(
@@ -329,5 +361,6 @@ def sft(
         device,
         zero_stage,
         columns=_columns(columns),
+        gradient_checkpointing=gradient_checkpointing,
     )
     _run(spec, peer, json_out, repeats)

@@ -206,7 +206,7 @@ def run_bench(
         for _ in range(repeats):
             run = {"ours": figures(run_ours(spec, work, log), spec, params, ceiling)}
             if lora_settings(spec):  # LoRA's targets are against full FT at the same batch
-                full = run_ours(dict(spec, lora_r=0), work, log)
+                full = run_ours(dict(spec, lora_r=0, load_in_4bit=False), work, log)
                 run["full"] = figures(full, spec, params, ceiling)
             if peer == "trl":
                 run["trl"] = figures(run_side("trl_peer", spec, work, log), spec, params, ceiling)
@@ -245,7 +245,10 @@ def format_report(report: dict) -> str:
         f"batch {s['batch_size']}, max_length {s['max_length']}, {s['steps']} timed steps "
         f"after {s['warmup']} warm-up, {s['threads']} threads, "
         f"{s.get('device', 'cpu')} {s.get('precision', 'fp32')}, our ZeRO stage "
-        f"{s.get('zero_stage', 0)}",
+        f"{s.get('zero_stage', 0)}"
+        + (f", LoRA r={s['lora_r']}" if s.get("lora_r") else "")
+        + (" on a 4-bit NF4 base (QLoRA)" if s.get("load_in_4bit") else "")
+        + (", gradient checkpointing on both sides" if s.get("gradient_checkpointing") else ""),
         f"{'bf16' if s.get('device') == 'cuda' else 'fp32'} matmul ceiling: "
         f"{report['matmul_ceiling_gflops']:.1f} GFLOP/s",
     ]

@@ -31,6 +31,7 @@ def run(spec: Spec) -> dict:
         max_length=spec["max_length"],
         max_prompt_length=spec["max_prompt_length"],
         precision=spec.get("precision", "fp32"),
+        load_in_4bit=bool(spec.get("load_in_4bit")),  # QLoRA's reference: the NF4 base
         progress=lambda done, total: marks.append(time.perf_counter()),
     )
     torch.save(stored, spec["reference_logps_path"])

@@ -38,6 +38,7 @@ def train_section(spec: Spec) -> dict:
         max_prompt_length=spec["max_prompt_length"],
         checkpoint_every=10**9,
         seed=0,
+        gradient_checkpointing=bool(spec.get("gradient_checkpointing")),
     )
     if spec["kind"] == "sft":
         return SFTConfig(answers="chosen", **common).model_dump()
@@ -109,7 +110,7 @@ def run(spec: Spec) -> dict:
         "model_path": spec["model"],
         "data_path": spec["data"],
         "reference_logps_path": reference_path,
-        "adapters": {"lora": lora_settings(spec), "load_in_4bit": False},
+        "adapters": {"lora": lora_settings(spec), "load_in_4bit": bool(spec.get("load_in_4bit"))},
         "output_dir": str(work / "model"),
         "checkpoint_dir": str(work / "checkpoints"),
         "metrics_path": str(work / "metrics.jsonl"),

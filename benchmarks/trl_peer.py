@@ -55,6 +55,10 @@ def common_args(spec: Spec, out_dir: str) -> dict:
         # TRL's configs turn bf16 on by default, even on CPU, and then run the reference
         # model under bf16 autocast: we compare fp32 with fp32 (on a GPU, bf16 with bf16).
         bf16=spec.get("precision", "fp32") == "bf16",
+        # TRL's configs turn gradient checkpointing on by default: here it follows the spec,
+        # as ours does (off unless --gradient-checkpointing), non-reentrant like ours.
+        gradient_checkpointing=bool(spec.get("gradient_checkpointing")),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,
@@ -80,18 +84,18 @@ def trainer_for(spec: Spec, out_dir: str):
     args = DPOConfig(beta=spec["beta"], loss_type=[spec["loss_type"]], **common_args(spec, out_dir))
     # --lora-r: TRL's own PEFT path (its reference is the policy with the adapters disabled),
     # with the very LoraConfig our trainer builds from the same settings.
-    adapters = lora_settings(spec)
-    peft = None
-    if adapters is not None:
-        from dpoflow.models.lora import peft_config
+    # --load-in-4bit: TRL's QLoRA, the very BitsAndBytesConfig ours loads with.
+    from dpoflow.models.lora import load_kwargs, peft_config
 
-        peft = peft_config(adapters)
+    adapters = lora_settings(spec)
+    quantized = load_kwargs(bool(spec.get("load_in_4bit")))
     return DPOTrainer(
         model=spec["model"],
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
-        peft_config=peft,
+        peft_config=None if adapters is None else peft_config(adapters),
+        quantization_config=quantized.get("quantization_config"),
     )
 
 

@@ -13,6 +13,7 @@ adapter alone is kept beside it for registering it unmerged.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: the flow process reads 
 
 # Beside the trained model folder: the adapter alone (adapter_config.json + its weights).
 ADAPTER_DIR = "adapter"
+
+# peft imports bitsandbytes whenever it is installed, and its CPU backend then warns that an
+# optional kernels package is missing, in every job's log. QLoRA runs only on CUDA (where
+# that backend is unused); the warning is noise, its GPU warnings are kept.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def require_cuda_for_4bit(load_in_4bit: bool) -> None:
@@ -44,8 +50,8 @@ def require_cuda_for_4bit(load_in_4bit: bool) -> None:
 
 def load_kwargs(load_in_4bit: bool) -> dict[str, Any]:
     """Extra `from_pretrained` arguments: NF4 weights with bf16 compute for QLoRA, on this
-    rank's GPU. A run refuses 4-bit without CUDA before it starts (`require_cuda_for_4bit`),
-    so bitsandbytes is imported on CUDA only (through transformers, when it quantizes)."""
+    rank's GPU. A run refuses 4-bit without CUDA before it starts (`require_cuda_for_4bit`);
+    bitsandbytes is imported only here, through transformers, when it quantizes."""
     if not load_in_4bit:
         return {}
     import torch
@@ -57,8 +63,23 @@ def load_kwargs(load_in_4bit: bool) -> dict[str, Any]:
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
-    # Quantized weights are placed when loaded and cannot be moved afterwards.
-    return {"quantization_config": quantization, "device_map": {"": _local_rank()}}
+    # Quantized weights are placed when loaded. Without CUDA (tests only: runs refuse it)
+    # bitsandbytes' CPU kernels hold them.
+    place = _local_rank() if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": place}}
+
+
+def load_base_model(model_path: str, *, revision: str | None, load_in_4bit: bool):
+    """The weights a training stage starts from, as the trainer and the reference stage both
+    load them: fp32 (DeepSpeed casts to the run's precision), or with QLoRA the linear layers'
+    weights NF4-quantized from those fp32 values. The reference of a QLoRA run is this
+    quantized base, as the policy's is, so the policy starts exactly at its reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, revision=revision, dtype=torch.float32, **load_kwargs(load_in_4bit)
+    )
 
 
 def _local_rank() -> int:

@@ -25,19 +25,34 @@ TokenizedPair = tuple[list[int], list[int], list[int]]  # prompt, chosen, reject
 
 
 def load_reference_model(
-    model_dir: str, precision: str, device: str, revision: str | None = None
+    model_dir: str,
+    precision: str,
+    device: str,
+    revision: str | None = None,
+    load_in_4bit: bool = False,
 ) -> tuple[torch.nn.Module, object, int]:
     """(model in eval mode on `device`, tokenizer, pad id) of the reference.
 
     ``precision`` is the training's (fp32, bf16 or fp16): the reference runs with the weights
-    the policy starts from, so the policy's log-ratio is zero before its first step.
+    the policy starts from, so the policy's log-ratio is zero before its first step. With
+    ``load_in_4bit`` (QLoRA) that is the NF4-quantized base the trainer loads, its other
+    weights cast to the precision as DeepSpeed casts the policy's; it stays where it was
+    loaded (this rank's GPU), as quantized weights cannot move.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpoflow.models.lora import load_base_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    if load_in_4bit:
+        model = load_base_model(model_dir, revision=revision, load_in_4bit=True)
+        for param in model.parameters():  # the packed NF4 weights are integers and stay
+            if param.is_floating_point():
+                param.data = param.data.to(DTYPES[precision])
+        return model.eval(), tokenizer, pad_id
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, revision=revision, dtype=DTYPES[precision]
     )
@@ -102,12 +117,16 @@ def compute_reference_logps(
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
+    load_in_4bit: bool = False,
 ) -> dict:
     """{"ids": [P], "chosen": [P] float32, "rejected": [P] float32} for every pair, in this
     process. ``device`` defaults to the GPU when there is one. ``revision`` pins a hub model
-    (ignored for a folder). ``progress(done, total)`` follows the pairs."""
+    (ignored for a folder). ``progress(done, total)`` follows the pairs. ``load_in_4bit``:
+    the reference of a QLoRA run (`load_reference_model`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, pad_id = load_reference_model(model_dir, precision, device, revision)
+    model, tokenizer, pad_id = load_reference_model(
+        model_dir, precision, device, revision, load_in_4bit
+    )
     with open(pairs_path, encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     tokenized = tokenize_pairs(

@@ -105,7 +105,11 @@ def run(job: dict) -> dict:
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, tokenizer, pad_id = load_reference_model(
-        job["model_path"], job["distributed"]["precision"], device, job.get("model_revision")
+        job["model_path"],
+        job["distributed"]["precision"],
+        device,
+        job.get("model_revision"),
+        load_in_4bit=bool(job.get("load_in_4bit")),
     )
     pairs = read_pairs(job["data_path"])
     needed = examples_read(len(pairs), cfg)

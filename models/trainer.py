@@ -339,9 +339,7 @@ def train(job: dict) -> dict:
     # LoRA / QLoRA: the config's `model.lora` and `model.load_in_4bit` (absent: full fine-tuning).
     adapters = job.get("adapters") or {}
     load_in_4bit = bool(adapters.get("load_in_4bit"))
-    model = AutoModelForCausalLM.from_pretrained(
-        job["model_path"], revision=revision, dtype=torch.float32, **lora.load_kwargs(load_in_4bit)
-    )
+    model = lora.load_base_model(job["model_path"], revision=revision, load_in_4bit=load_in_4bit)
     model = lora.prepare(
         model,
         adapters.get("lora"),
@@ -439,6 +437,10 @@ def train(job: dict) -> dict:
     # DeepSpeed's ZeRO, bf16 and fp16 optimizer wrappers record the global gradient norm; with
     # ZeRO-0 in fp32 it keeps the plain torch optimizer, which does not: the loop measures it.
     own_norm = isinstance(engine.optimizer, torch.optim.Optimizer)
+    # `from_pretrained` hands the model over in eval mode, and dropout and activation
+    # checkpointing act only in train mode: without this the steps before the first held-out
+    # evaluation (all of them when there is none) kept every activation and dropped nothing.
+    engine.module.train()
     for step in range(start_step, cfg["max_steps"]):
         global_idx = batch_indices(len(examples), step, cfg["batch_size"], cfg["seed"])
         if cfg.get("group_by_length"):  # DPO's: its loss is a mean over pairs (see docstring)

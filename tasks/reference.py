@@ -48,6 +48,7 @@ def reference(key: str, workdir: str, section: dict, upstream: dict) -> dict:
             "kind": "reference",
             "train": section["dpo"],
             "distributed": section["distributed"],
+            "load_in_4bit": section["load_in_4bit"],
             "model_path": str(Path(sft["path"]) / sft["model"]),
             "data_path": str(Path(data["path"]) / "pairs.jsonl"),
             "output_dir": str(partial),
@@ -77,10 +78,12 @@ def reference(key: str, workdir: str, section: dict, upstream: dict) -> dict:
 STAGE = Stage(
     name="reference",
     task=reference,
-    # The DPO settings that choose and tokenize the pairs, and how the job is launched.
+    # The DPO settings that choose and tokenize the pairs, how the job is launched, and
+    # whether the base is quantized (QLoRA's reference is the NF4 base its policy starts from).
     reads=lambda cfg, _: {
         "dpo": {k: v for k, v in dump(cfg.dpo).items() if k in PAIRS_READ},
         "distributed": dump(cfg.distributed),
+        "load_in_4bit": cfg.model.load_in_4bit,
     },
     inputs={"data": "validate.data_sha256", "sft": "sft.sha256"},
     enabled=lambda cfg: cfg.dpo.reference == "precomputed",

@@ -51,6 +51,13 @@ def test_bench_mistakes_are_one_sentence(cli_env, tmp_path, model_and_rows):
         proc = run_bench(["dpo", *cuda], cli_env)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "sees no GPU" in proc.stderr
+        # QLoRA: adapters on a 4-bit base, on a GPU; refused before anything is built.
+        qlora = ["dpo", "--model", str(model), "--data", str(HH), "--load-in-4bit"]
+        proc = run_bench(qlora, cli_env)
+        assert proc.returncode == 2 and "cannot be fine-tuned fully: give --lora-r" in proc.stderr
+        proc = run_bench([*qlora, "--lora-r", "4"], cli_env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "trains on a CUDA GPU and this bench runs on the CPU" in proc.stderr
 
 
 def write_csv(path: Path, rows: list[dict], names: dict[str, str]) -> Path:

@@ -4,6 +4,7 @@ adapters only, checkpoints activations without changing gradients, and registers
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,65 @@ def test_gradient_checkpointing_gives_the_same_gradients(embedded, adapters):  #
     for name, grad in plain.items():
         assert grad.abs().sum() > 0, name  # every trained tensor gets a gradient
         torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
+
+
+def saved_activation_bytes(embedded_fixture, adapters, checkpointing: bool) -> int:  # noqa: F811
+    """Bytes autograd keeps from one training forward pass for the backward pass."""
+    model, tokenizer = tiny(embedded_fixture)
+    model = lora.prepare(model, adapters, gradient_checkpointing=checkpointing)
+    model.train()
+    saved: list[int] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        sequence_logps(model, pair_inputs(embedded_fixture, tokenizer))
+    return sum(saved)
+
+
+@pytest.mark.parametrize("adapters", [None, LORA], ids=["full", "lora"])
+def test_gradient_checkpointing_keeps_fewer_activations(embedded, adapters):  # noqa: F811
+    plain = saved_activation_bytes(embedded, adapters, checkpointing=False)
+    recomputed = saved_activation_bytes(embedded, adapters, checkpointing=True)
+    print(f"\nsaved for the backward: {plain / 2**20:.2f} MB plain, {recomputed / 2**20:.2f} MB")
+    assert recomputed < plain / 2
+
+
+def test_the_policy_trains_in_train_mode(embedded, tmp_path):  # noqa: F811
+    """`from_pretrained` hands a model over in eval mode, where dropout and activation
+    checkpointing do nothing; the loop trains in train mode. Seen: with attention dropout in
+    its config, the first step is no longer exactly at its (dropout-free) reference."""
+    model = tmp_path / "with-dropout"
+    shutil.copytree(embedded["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.5}))
+    job = make_job(dict(embedded, model=str(model)), tmp_path, max_steps=1, learning_rate=1e-6)
+    _, rows = train(job, tmp_path)
+    assert abs(rows[0]["loss"] - math.log(2)) > 1e-3  # eval mode: log 2 to 1e-6
+
+
+def test_a_qlora_policy_starts_exactly_at_its_reference_the_nf4_base(embedded):  # noqa: F811
+    """QLoRA's reference is the quantized base its policy starts from (bitsandbytes' CPU
+    kernels here; runs refuse 4-bit without CUDA), not the base in full precision."""
+    from dpoflow.models.reference import load_reference_model
+
+    reference, tokenizer, _ = load_reference_model(embedded["model"], "fp32", "cpu", None, True)
+    unquantized, _, _ = load_reference_model(embedded["model"], "fp32", "cpu")
+    batch = pair_inputs(embedded, tokenizer)
+    with torch.no_grad():
+        expected = sequence_logps(reference, batch)["logps"]
+        full_precision = sequence_logps(unquantized, batch)["logps"]
+    base = lora.load_base_model(embedded["model"], revision=None, load_in_4bit=True)
+    policy = lora.prepare(base, LORA, load_in_4bit=True)
+    # In eval mode, as the reference ran: bitsandbytes' CPU backend has a kernel for inference
+    # and another (dequantize, then matmul) for training, both in bf16, rounding differently.
+    policy.eval()
+    with torch.no_grad():
+        start = sequence_logps(policy, batch)["logps"]
+    assert torch.equal(start, expected)
+    assert (expected - full_precision).abs().max() > 0.1  # the 4-bit base is another model
 
 
 def test_merging_in_place_saves_what_merging_into_the_stored_base_saves(embedded, tmp_path):  # noqa: F811

@@ -148,3 +148,26 @@ def test_a_killed_job_resumes_from_its_finished_chunks(
     assert resumed["ids"] == uninterrupted["ids"]
     for side in ("chosen", "rejected"):
         assert torch.equal(resumed[side], uninterrupted[side])
+
+
+def test_a_qlora_runs_reference_is_its_nf4_base(embedded, one_process, tmp_path):
+    """With `model.load_in_4bit` the policy starts from the NF4-quantized base, so the stage
+    scores that base (the stage's cache key reads the setting), not the unquantized weights."""
+    from dpoflow.config import load_config
+    from dpoflow.models.reference import compute_reference_logps
+    from dpoflow.tasks.reference import STAGE
+
+    _, unquantized, _, _ = one_process
+    _, stored, _ = run_job(dict(job(embedded, tmp_path), load_in_4bit=True))
+    everything = compute_reference_logps(
+        embedded["model"], embedded["data"], load_in_4bit=True, **DPO_LIMITS
+    )
+    at = {example_id: i for i, example_id in enumerate(everything["ids"])}
+    assert stored["ids"] == unquantized["ids"]
+    for side in ("chosen", "rejected"):
+        in_process = everything[side][[at[i] for i in stored["ids"]]]
+        # bitsandbytes computes in bf16: other batches round a little differently.
+        assert torch.allclose(stored[side], in_process, atol=0.05, rtol=0)
+        assert (stored[side] - unquantized[side]).abs().max() > 0.1  # 4 bits are not 32
+    cfg = load_config(overrides=["model.load_in_4bit=true", "model.lora={r: 4}"])
+    assert STAGE.reads(cfg, None)["load_in_4bit"] is True
