@@ -102,7 +102,8 @@ def sequence_logps(
     for the logits/chosen metric). Gradients flow through "logps".
 
     The output head runs only at the positions that predict answer tokens (in chunks of
-    ``chunk_size`` positions if given), so float32 logits are never built for the whole batch.
+    ``chunk_size`` positions if given; without gradients, NO_GRAD_LOGITS_BYTES of logits at a
+    time), so float32 logits are never built for the whole batch.
     """
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]  # [N, T], [N, T]
     target_mask = loss_mask[:, 1:]  # [N, T-1]: position t predicts token t+1
@@ -112,6 +113,10 @@ def sequence_logps(
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
     states, head = answer_states(model, inputs, lambda h: h[:, :-1][target_mask])  # [M, H or V]
     return score_answers(states, head, targets, rows, input_ids.shape[0], chunk_size=chunk_size)
+
+
+# The float32 logits made at once when no gradient is taken (reference, evaluation, probes).
+NO_GRAD_LOGITS_BYTES = 256 << 20
 
 
 def score_answers(
@@ -131,6 +136,12 @@ def score_answers(
     (models/packing.py), so both score tokens with the same arithmetic.
     """
     token_logps, token_logit_means = [], []
+    vocab = getattr(head, "out_features", None)  # None: `states` are already logits
+    if chunk_size is None and vocab and not torch.is_grad_enabled():
+        # Without gradients nothing keeps the logits, so they need not exist for every answer
+        # token at once: the answers of a reference batch of 64 pairs (~32k tokens) with a
+        # 152k vocabulary made 19 GB of float32 logits.
+        chunk_size = max(1, NO_GRAD_LOGITS_BYTES // (4 * vocab))
     step = chunk_size or max(len(targets), 1)
     for start in range(0, len(targets), step):
         logits = head(states[start : start + step])  # [m, V]

@@ -170,6 +170,32 @@ def test_sequence_logps_matches_float64_reference(model, tokenizer, chunk_size):
     assert out["n_tokens"].tolist() == [len(a) for _, a in _examples(tokenizer)]
 
 
+def test_without_gradients_the_logits_are_made_a_bounded_block_at_a_time(
+    model, tokenizer, monkeypatch
+):
+    """The reference stage and evaluations take no gradient: nothing keeps the logits, so the
+    head runs on a few answer tokens at a time (a 152k vocabulary made ~25 GB at once on a
+    GPU), with the log-probs of one block; with gradients the head runs once."""
+    from dpoflow.models import logprobs
+
+    batch = collate(_examples(tokenizer), PAD)
+    head_rows: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[:-1].numel())
+    )
+    try:
+        whole = sequence_logps(model, batch)["logps"].detach()
+        assert len(head_rows) == 1
+        n_tokens = head_rows.pop()
+        monkeypatch.setattr(logprobs, "NO_GRAD_LOGITS_BYTES", 3 * 4 * VOCAB)  # 3 tokens' logits
+        with torch.no_grad():
+            blocks = sequence_logps(model, batch)["logps"]
+    finally:
+        hook.remove()
+    assert max(head_rows) == 3 and sum(head_rows) == n_tokens
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
+
+
 def test_sequence_logps_float64_model_is_exact(model, tokenizer):
     batch = collate(_examples(tokenizer), PAD)
     with torch.no_grad():
