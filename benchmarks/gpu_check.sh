@@ -3,8 +3,9 @@
 # H100/H200, the most wanted first, each under its own time limit so that one failure or
 # overrun does not stop the rest:
 #   1. QLoRA: LoRA r=16 on the 0.5b preset's base in 4-bit NF4, ours and TRL's QLoRA, with our
-#      full fine-tuning of the same model beside them (peak GPU memory, pairs/s, first losses);
-#   2. LoRA r=16 on the bf16 base, the same three sides;
+#      full fine-tuning of the same model beside them (peak GPU memory, pairs/s, first losses),
+#      activations recomputed on every side (TRL's default), then without;
+#   2. LoRA r=16 on the bf16 base, the same three sides, recomputing;
 #   3. the batch-layout ablation (padded / packed / shared_prompt, full fine-tuning) against TRL;
 #   4. the real `deepspeed` launcher path (ZeRO-2, bf16, 50 steps).
 #
@@ -52,8 +53,9 @@ run() {  # run NAME SECONDS ARGS...: one bench command; its text to the log, its
     | grep -v "WARN\|it/s\]\|^\[20" | tee -a "$log" \
     || echo "$name failed or ran out of time (${limit} s)" | tee -a "$log"
 }
-run dpo-0.5b-qlora 200 --peer trl --lora-r 16 --load-in-4bit
-run dpo-0.5b-lora 150 --peer trl --lora-r 16
+run dpo-0.5b-qlora-gc 180 --peer trl --lora-r 16 --load-in-4bit --gradient-checkpointing
+run dpo-0.5b-qlora 150 --peer trl --lora-r 16 --load-in-4bit
+run dpo-0.5b-lora-gc 150 --peer trl --lora-r 16 --gradient-checkpointing
 if ((SECONDS < 330)); then
   run dpo-0.5b-ablation $((460 - SECONDS)) --peer trl --packing padded,packed,shared_prompt
 fi
