@@ -91,6 +91,10 @@ def child_env(distributed: dict) -> dict[str, str]:
     # (transformers draws one for loading and saving weights) is a line per redraw. The job
     # logs its own progress, with a rate and an ETA (models/progress.py).
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The working directory never goes on the children's sys.path: in an installed (not
+    # editable) dpoflow the job runs in the package's own folder, whose `deepspeed/` (the ZeRO
+    # configs, dpoflow.deepspeed) would shadow the real deepspeed. Seen on a GPU machine.
+    env["PYTHONSAFEPATH"] = "1"
     if not distributed.get("num_gpus"):
         env.setdefault("DS_ACCELERATOR", "cpu")
         # Share the cores between the processes instead of oversubscribing them.

@@ -1,8 +1,13 @@
 """The reference stage's job under the real `deepspeed` launcher: only the pairs DPO reads,
-sharded over processes, resumable from its chunks."""
+sharded over processes, resumable from its chunks, scoring QLoRA's 4-bit base, and launched
+from an installed (not editable) dpoflow too."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +20,7 @@ from dpoflow.models.reference_worker import EXIT_AFTER_CHUNKS, OUTPUT
 from dpoflow.models.trainer import batch_indices, examples_read, read_pairs, split_heldout
 from dpoflow.tasks.launcher import TrainingFailed, run_training
 from dpoflow.tasks.reference import PAIRS_READ, WORKER
-from tests.conftest import worker_fixture
+from tests.conftest import PROJECT_ROOT, worker_fixture
 
 N_PAIRS = 64
 # 3 steps of 8 pairs read 24 of the 64 pairs: 3 chunks of 8.
@@ -171,3 +176,31 @@ def test_a_qlora_runs_reference_is_its_nf4_base(embedded, one_process, tmp_path)
         assert (stored[side] - unquantized[side]).abs().max() > 0.1  # 4 bits are not 32
     cfg = load_config(overrides=["model.load_in_4bit=true", "model.lora={r: 4}"])
     assert STAGE.reads(cfg, None)["load_in_4bit"] is True
+
+
+def test_an_installed_dpoflow_runs_its_jobs(embedded, tmp_path):
+    """Installed as users install it (not editable), the package's own folder is where its
+    jobs run, and its `deepspeed/` (the ZeRO configs) must not shadow the real deepspeed."""
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+    pip += ["--no-build-isolation", "--target", str(site), str(PROJECT_ROOT)]
+    subprocess.run(pip, check=True, capture_output=True, timeout=300)
+    spec = job(embedded, tmp_path / "out")
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    code = (
+        "import json, sys; from pathlib import Path; from dpoflow.tasks import launcher; "
+        "print(launcher.PROJECT_ROOT); spec = json.load(open(sys.argv[1])); "
+        "Path(spec['output_dir']).mkdir(); launcher.run_training(spec, "
+        "Path(spec['output_dir']), log=print, on_metrics=print, module=sys.argv[2])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "job.json"), WORKER],
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == str(site / "dpoflow")  # the installed copy ran
+    assert len(read_reference_logps(tmp_path / "out" / OUTPUT)["ids"]) == 24
