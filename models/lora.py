@@ -51,7 +51,7 @@ def require_cuda_for_4bit(load_in_4bit: bool) -> None:
 def load_kwargs(load_in_4bit: bool) -> dict[str, Any]:
     """Extra `from_pretrained` arguments: NF4 weights with bf16 compute for QLoRA, on this
     rank's GPU. A run refuses 4-bit without CUDA before it starts (`require_cuda_for_4bit`);
-    bitsandbytes is imported only here, through transformers, when it quantizes."""
+    transformers calls bitsandbytes to quantize only when these arguments carry its config."""
     if not load_in_4bit:
         return {}
     import torch
